@@ -32,5 +32,8 @@ def configure(service: str, *, replica: str | None = None, stage: int | None = N
 
 
 def get(**bound: object) -> structlog.stdlib.BoundLogger:
-    """A logger for a module, with extra fields (e.g. request_id) bound."""
-    return structlog.get_logger().bind(**bound)
+    """A logger for a module, with extra fields (e.g. request_id) bound.
+
+    Lazy: safe at import time, it takes the configuration in force when it first logs.
+    """
+    return structlog.get_logger(**bound)

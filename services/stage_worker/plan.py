@@ -9,6 +9,7 @@ sequence's block table. Every stage applies the same diffs, so every stage holds
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class StepPlan:
     seqs: tuple[SeqStep, ...]
     new_requests: tuple[NewRequest, ...] = ()
     finished: tuple[int, ...] = ()  # sequences whose state every stage drops before this step
+    return_logits: bool = False  # the last stage sends the sampled rows' full logits back (tests, logprobs)
 
     @property
     def num_tokens(self) -> int:
@@ -82,3 +84,4 @@ class StepResult:
     step_id: int
     seq_ids: tuple[int, ...]
     token_ids: tuple[int, ...]
+    logits: Any = None  # float32 [len(seq_ids), vocab] when the plan asked for them (a torch tensor)

@@ -1,0 +1,215 @@
+"""The offline engine: one replica (TP x PP) on this host, driven from Python or `trellis generate`.
+
+This process is rank 0 of the head stage; the head's TP peers and every later stage run as child
+processes, linked into a ring over UCX exactly as in the mesh (which adds gRPC on top).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from services.stage_worker.executor import StageExecutor
+from services.stage_worker.head import Head, ReplicaFailed
+from services.stage_worker.launch import StageLaunch
+from services.stage_worker.layout import default_num_blocks, split_layers
+from services.stage_worker.model.config import ModelConfig, check_parallel
+from services.stage_worker.model.errors import ModelError
+from services.stage_worker.plan import SamplingParams
+from services.stage_worker.rank import model_config
+from services.stage_worker.scheduler import Scheduler, SchedulerConfig
+from services.stage_worker.stage_proc import LINK_TIMEOUT_S
+from trellis import log
+from trellis.transport.ucx import Listener, connect
+
+
+class EngineError(Exception):
+    """A bad engine argument or request, told in one line."""
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # a Hugging Face directory
+    preset: str | None = None  # or a built-in config with dummy weights
+    tp: int = 1
+    pp: int = 1
+    device: str = "cpu"
+    gpus: tuple[int, ...] = ()  # default 0 .. tp*pp-1
+    dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    load_format: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    return_logits: bool = False  # keep each sequence's first-step logits (tests)
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_logits: torch.Tensor | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Engine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        if (args.model is None) == (args.preset is None):
+            raise EngineError("give exactly one of a model directory or a preset")
+        if args.preset is not None:
+            args.load_format = "dummy"
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("--device cuda asked for, but no CUDA GPU is visible")
+        self.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+        try:
+            probe = StageLaunch(args.model, args.preset, args.load_format, self.dtype, (0, 1), 0, 1,
+                                args.tp, args.device, (), "", 0, args.block_size, 1)
+            self.cfg: ModelConfig = model_config(probe)
+            self.stage_layers = split_layers(self.cfg.num_hidden_layers, args.pp)
+            for layers in self.stage_layers:
+                check_parallel(self.cfg, args.tp, layers)
+        except ModelError as e:
+            raise EngineError(str(e)) from None
+        self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
+        self.num_blocks = args.num_blocks or default_num_blocks(
+            self.cfg, block_size=args.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=args.max_num_seqs)
+        self._log = log.get()
+        self._procs: list[subprocess.Popen] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- start / stop ------------------------------------------------------------------------
+    def _launch(self, stage: int) -> StageLaunch:
+        a = self.args
+        gpus = a.gpus or tuple(range(a.tp * a.pp))
+        return StageLaunch(
+            model_path=a.model, preset=a.preset, load_format=a.load_format, dtype=self.dtype,
+            layers=self.stage_layers[stage], stage=stage, num_stages=a.pp, tp=a.tp, device=a.device,
+            gpus=tuple(gpus[stage * a.tp:(stage + 1) * a.tp]) if a.device == "cuda" else (),
+            dist_host="127.0.0.1", dist_port=_free_port(), block_size=a.block_size,
+            num_blocks=self.num_blocks, seed=a.seed)
+
+    async def _start(self) -> None:
+        a = self.args
+        ports = [_free_port() for _ in range(a.pp)]
+        listener = Listener(ports[0], torch.device("cpu")) if a.pp > 1 else None
+        for s in range(1, a.pp):
+            nxt = ports[(s + 1) % a.pp]
+            self._procs.append(subprocess.Popen([
+                sys.executable, "-m", "services.stage_worker.stage_proc", "--launch",
+                self._launch(s).to_json(), "--listen-port", str(ports[s]),
+                "--next", f"127.0.0.1:{nxt}", "--die-with-parent"]))
+        self.executor = StageExecutor(self._launch(0))
+        await self.executor.start()
+        outbound = inbound = None
+        if a.pp > 1:
+            outbound = await connect("127.0.0.1", ports[1], self.executor.ctx.device, timeout=LINK_TIMEOUT_S)
+            inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
+            listener.close()
+        sched = Scheduler(SchedulerConfig(
+            num_blocks=self.num_blocks, block_size=a.block_size, max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=self.max_model_len,
+            eos_token_ids=self.cfg.eos_token_ids, enable_prefix_caching=a.enable_prefix_caching,
+            max_in_flight=a.pp))
+        self.head = Head(self.executor, sched, num_stages=a.pp, outbound=outbound, inbound=inbound,
+                         return_logits=a.return_logits)
+        await self.head.handshake(timeout=LINK_TIMEOUT_S)
+        self._runner = asyncio.create_task(self.head.run())
+        self._log.info("engine ready", tp=a.tp, pp=a.pp, layers=self.stage_layers, num_blocks=self.num_blocks)
+
+    def _call(self, coro):  # noqa: ANN001, ANN202
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if hasattr(self, "head"):
+            try:
+                self._call(self._stop())
+            except Exception as e:  # a broken replica still gets its processes reaped below
+                self._log.warning("engine stop", error=str(e))
+        for p in self._procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _stop(self) -> None:
+        await self.head.stop()
+        await asyncio.wait_for(self._runner, 30)
+        await self.executor.stop()
+        for link in (self.head.outbound, self.head.inbound):
+            if link is not None:
+                await link.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+        """Run every prompt to completion (continuous batching across them); results in order."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompts):
+            raise EngineError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        return self._call(self._generate(prompts, params))
+
+    async def _generate(self, prompts: Sequence[Sequence[int]],
+                        params: Sequence[SamplingParams]) -> list[Completion]:
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            self._check(i, p, sp)
+        streams = [self.head.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        return list(await asyncio.gather(*(self._collect(s) for s in streams)))
+
+    def _check(self, i: int, prompt: Sequence[int], sp: SamplingParams) -> None:
+        if not prompt:
+            raise EngineError(f"prompt {i} is empty")
+        if len(prompt) >= self.max_model_len:
+            raise EngineError(f"prompt {i} has {len(prompt)} tokens; the context is {self.max_model_len}")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        if sp.problems():
+            raise EngineError(f"prompt {i}: {'; '.join(sp.problems())}")
+
+    async def _collect(self, stream) -> Completion:  # noqa: ANN001
+        out = Completion(list(stream.prompt_ids))
+        try:
+            async for delta in stream:
+                if out.first_logits is None and delta.logits is not None:
+                    out.first_logits = delta.logits
+                out.token_ids.extend(delta.token_ids)
+                out.finish_reason = delta.finish_reason
+        except ReplicaFailed as e:
+            raise EngineError(f"the engine failed: {e}") from None
+        return out

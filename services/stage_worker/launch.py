@@ -1,0 +1,45 @@
+"""Everything one stage's processes need to start, as JSON (a child gets it on its command line)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class StageLaunch:
+    model_path: str | None  # a Hugging Face directory; None with a preset
+    preset: str | None
+    load_format: str  # "auto" | "dummy"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    layers: tuple[int, int]
+    stage: int
+    num_stages: int
+    tp: int
+    device: str  # "cpu" | "cuda"
+    gpus: tuple[int, ...]
+    dist_host: str
+    dist_port: int  # rendezvous of this stage's TP group
+    block_size: int
+    num_blocks: int
+    replica: str = "offline"
+    seed: int = 0
+    cuda_graphs: bool = False
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StageLaunch:
+        raw = json.loads(text)
+        raw["layers"] = tuple(raw["layers"])
+        raw["gpus"] = tuple(raw["gpus"])
+        return cls(**raw)

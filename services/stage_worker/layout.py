@@ -1,0 +1,29 @@
+"""How a model's layers split into pipeline stages, and sizing of the paged KV cache."""
+
+from __future__ import annotations
+
+import math
+
+from services.stage_worker.model.config import ModelConfig
+from services.stage_worker.model.errors import ModelError
+
+
+def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced [start, end) ranges; earlier stages take the remainder."""
+    if pp < 1:
+        raise ModelError(f"PP must be >= 1, got {pp}")
+    if pp > num_layers:
+        raise ModelError(f"PP {pp} is larger than the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp)
+    out, start = [], 0
+    for i in range(pp):
+        end = start + base + (1 if i < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def default_num_blocks(cfg: ModelConfig, *, block_size: int, max_model_len: int, max_num_seqs: int) -> int:
+    """A CPU default: room for every sequence at full length, capped at 64 full-length sequences."""
+    per_seq = math.ceil(max_model_len / block_size)
+    return per_seq * min(max_num_seqs, 64) + 1

@@ -1,0 +1,34 @@
+"""A TP peer (rank > 0) of a stage: runs whatever plan its leader broadcasts, until told to stop.
+
+    python -m services.stage_worker.peer --rank R --launch '<StageLaunch JSON>'
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from services.stage_worker.launch import StageLaunch
+from services.stage_worker.rank import die_with_parent, start_rank, stop_rank
+from trellis import log
+from trellis.rpc.plan_codec import decode_plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--launch", required=True)
+    args = ap.parse_args()
+    die_with_parent()
+    launch = StageLaunch.from_json(args.launch)
+    logger = log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=args.rank)
+    ctx = start_rank(launch, args.rank)
+    logger.info("peer ready", layers=list(launch.layers))
+    while (msg := ctx.control.recv()) is not None:
+        header, hidden = msg
+        ctx.runner.execute(decode_plan(header), hidden)
+    logger.info("peer stopping")
+    stop_rank()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Start one TP rank of a stage: join the stage's process group, load its shard, build the runner."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from services.stage_worker.control import ControlChannel
+from services.stage_worker.launch import StageLaunch
+from services.stage_worker.model.config import ModelConfig, load_model_config
+from services.stage_worker.model.parallel import TPGroup
+from services.stage_worker.runner import StageRunner
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RankContext:
+    launch: StageLaunch
+    rank: int
+    cfg: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    runner: StageRunner
+    control: ControlChannel
+
+
+def model_config(launch: StageLaunch) -> ModelConfig:
+    if launch.preset is not None:
+        from trellis.presets import model_config as preset_config
+
+        return load_model_config(preset_config(launch.preset))
+    return load_model_config(launch.model_path)
+
+
+def die_with_parent() -> None:
+    """A peer must not outlive its leader (e.g. after kill -9): ask Linux to SIGKILL us then."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def start_rank(launch: StageLaunch, rank: int) -> RankContext:
+    if launch.device == "cuda":
+        device = torch.device("cuda", launch.gpus[rank])
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = DTYPES[launch.dtype]
+    ctrl = data = None
+    if launch.tp > 1:
+        backend = "nccl" if launch.device == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{launch.dist_host}:{launch.dist_port}", rank=rank,
+            world_size=launch.tp, timeout=timedelta(minutes=10),
+            device_id=device if launch.device == "cuda" else None)
+        data = dist.group.WORLD
+        ctrl = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    cfg = model_config(launch)
+    tp = TPGroup(rank, launch.tp) if launch.tp > 1 else TPGroup.single()
+    runner = StageRunner(
+        cfg, layers=launch.layers, tp=tp, device=device, dtype=dtype, block_size=launch.block_size,
+        num_blocks=launch.num_blocks, model_path=launch.model_path, load_format=launch.load_format,
+        seed=launch.seed)
+    control = ControlChannel(tp=launch.tp, device=device, dtype=dtype, ctrl_group=ctrl, data_group=data)
+    return RankContext(launch, rank, cfg, device, dtype, runner, control)
+
+
+def stop_rank() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

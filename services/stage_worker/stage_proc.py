@@ -1,0 +1,59 @@
+"""A non-head stage leader as a process: load, link into the ring over UCX, serve until stopped.
+
+    python -m services.stage_worker.stage_proc --launch JSON --listen-port P --next HOST:PORT
+
+The offline engine starts one per stage after the first; the mesh's stage worker service runs
+the same loop next to its gRPC server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from services.stage_worker.executor import StageExecutor
+from services.stage_worker.launch import StageLaunch
+from services.stage_worker.rank import die_with_parent
+from services.stage_worker.stage_loop import serve_stage
+from trellis import log
+from trellis.transport.ucx import Listener, connect
+
+LINK_TIMEOUT_S = 1800.0  # a successor may take long to load a large shard
+
+
+async def run_stage(launch: StageLaunch, listen_port: int, next_host: str, next_port: int) -> None:
+    logger = log.get()
+    executor = StageExecutor(launch)
+    await executor.start()
+    device = executor.ctx.device
+    listener = Listener(listen_port, device)
+    logger.info("stage loaded", layers=list(launch.layers), ucx_port=listener.port)
+    outbound = await connect(next_host, next_port, device, timeout=LINK_TIMEOUT_S)
+    inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
+    try:
+        reason = await serve_stage(executor, inbound, outbound)
+        logger.info("stage stopped", reason=reason)
+    finally:
+        await executor.stop()
+        await inbound.close()
+        await outbound.close()
+        listener.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--launch", required=True)
+    ap.add_argument("--listen-port", type=int, required=True)
+    ap.add_argument("--next", required=True, help="HOST:PORT of the successor (the head for the last stage)")
+    ap.add_argument("--die-with-parent", action="store_true")
+    args = ap.parse_args()
+    if args.die_with_parent:
+        die_with_parent()
+    launch = StageLaunch.from_json(args.launch)
+    log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=0)
+    host, port = args.next.rsplit(":", 1)
+    asyncio.run(run_stage(launch, args.listen_port, host, int(port)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""UCX links (through ucxx): framed messages of a protobuf header and an optional raw tensor.
+
+A frame is three UCX tag messages on one endpoint: a 16-byte prefix (header length, payload
+length), the header bytes, then the payload straight from/into a tensor's memory (host memory
+on CPU; device memory on GPU, where UCX moves it over cuda_ipc or RDMA). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from trellis import log
+
+_PREFIX = np.dtype("<u8")
+
+
+def _ucxx() -> Any:
+    # Imported on first use: only processes that move activations pay for UCX's start-up.
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    import ucxx
+
+    return ucxx
+
+
+def _as_buffer(t: torch.Tensor) -> Any:
+    """An object ucxx can read/write in place: numpy view on host, the tensor itself on GPU."""
+    t = t.contiguous()
+    return t.view(torch.uint8).numpy() if t.device.type == "cpu" else t.view(torch.uint8)
+
+
+class LinkClosed(ConnectionError):
+    """The peer went away (closed, crashed or unreachable)."""
+
+
+class Link:
+    """One UCX endpoint carrying frames in order. Sends are serialized; one reader at a time."""
+
+    def __init__(self, ep: Any, recv_device: torch.device) -> None:
+        self._ep = ep
+        self._recv_device = recv_device
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+
+    async def send(self, header: bytes, payload: torch.Tensor | None = None) -> None:
+        nbytes = 0 if payload is None else payload.numel() * payload.element_size()
+        prefix = np.array([len(header), nbytes], dtype=_PREFIX)
+        async with self._send_lock:
+            try:
+                await self._ep.send(prefix)
+                await self._ep.send(np.frombuffer(header, dtype=np.uint8) if header else np.zeros(0, np.uint8))
+                if nbytes:
+                    if payload.device.type == "cuda":
+                        torch.cuda.current_stream(payload.device).synchronize()
+                    await self._ep.send(_as_buffer(payload))
+            except Exception as e:  # ucxx raises its own error types
+                raise LinkClosed(f"send failed: {e}") from e
+
+    async def recv(self) -> tuple[bytes, torch.Tensor | None]:
+        """The next frame: header bytes and the payload as a flat uint8 tensor (or None)."""
+        async with self._recv_lock:
+            try:
+                prefix = np.empty(2, dtype=_PREFIX)
+                await self._ep.recv(prefix)
+                header = np.empty(int(prefix[0]), dtype=np.uint8)
+                await self._ep.recv(header)
+                payload = None
+                if prefix[1]:
+                    payload = torch.empty(int(prefix[1]), dtype=torch.uint8, device=self._recv_device)
+                    await self._ep.recv(_as_buffer(payload))
+            except Exception as e:
+                raise LinkClosed(f"receive failed: {e}") from e
+        return header.tobytes(), payload
+
+    @property
+    def alive(self) -> bool:
+        return not self._ep.closed
+
+    async def close(self) -> None:
+        if not self._ep.closed:
+            try:
+                await self._ep.close()
+            except Exception as e:
+                log.get().debug("ucx close", error=str(e))
+
+
+class Listener:
+    """Accepts links on a port; `accept()` hands them out in arrival order."""
+
+    def __init__(self, port: int, recv_device: torch.device) -> None:
+        self._links: asyncio.Queue[Link] = asyncio.Queue()
+        self._recv_device = recv_device
+
+        async def on_connect(ep: Any) -> None:
+            await self._links.put(Link(ep, recv_device))
+
+        self._listener = _ucxx().create_listener(on_connect, port=port)
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    async def accept(self, timeout: float | None = None) -> Link:
+        return await asyncio.wait_for(self._links.get(), timeout)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+async def connect(host: str, port: int, recv_device: torch.device, *, timeout: float = 60.0) -> Link:
+    """Connect to a listener, retrying until it is up or `timeout` seconds pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.05
+    while True:
+        try:
+            ep = await _ucxx().create_endpoint(host, port)
+            return Link(ep, recv_device)
+        except Exception as e:
+            if loop.time() + delay > deadline:
+                raise LinkClosed(f"cannot reach {host}:{port} over UCX: {e}") from e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
