@@ -1,0 +1,94 @@
+"""The router service: the public API of a mesh.
+
+    python -m services.router --spec SPEC [--registry redis://HOST:PORT/DB] [--port PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from services.router.replicas import ReplicaSet
+from services.router.server import RouterServicer
+from services.router.validation import Limits
+from services.stage_worker.model.config import load_model_config
+from services.stage_worker.model.errors import ModelError
+from trellis import log
+from trellis.registry import open_registry
+from trellis.spec import DeploySpec, SpecError, load
+from trellis.tokenizer import TokenizerMissing, load_tokenizer
+from trellis.v1 import router_pb2_grpc
+
+
+def _model(spec: DeploySpec):  # noqa: ANN202
+    if spec.model.preset is not None:
+        from trellis.presets import model_config
+
+        return load_model_config(model_config(spec.model.preset)), None, spec.model.preset
+    cfg = load_model_config(spec.model.path)
+    try:
+        tok = load_tokenizer(spec.model.tokenizer or spec.model.path)
+    except TokenizerMissing:
+        tok = None
+    return cfg, tok, spec.model.path
+
+
+async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> int:
+    logger = log.get()
+    cfg, tok, name = _model(spec)
+    limits = Limits(vocab_size=cfg.vocab_size,
+                    max_model_len=spec.model.max_model_len or cfg.max_position_embeddings,
+                    default_max_tokens=16, has_tokenizer=tok is not None)
+    registry = open_registry(registry_url, spec)
+    replicas = ReplicaSet(registry)
+    await replicas.start()
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServicer_to_server(
+        RouterServicer(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue), server)
+    health = health_aio.HealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    logger.info("router serving", address=f"{host}:{bound}", registry=registry_url.split("@")[-1])
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("router stopping")
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=5.0)
+    await replicas.close()
+    await registry.close()
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m services.router")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--registry", help="override the spec's registry (embedded or redis://HOST:PORT/DB)")
+    ap.add_argument("--host")
+    ap.add_argument("--port", type=int)
+    args = ap.parse_args()
+    try:
+        spec = load(args.spec)
+    except SpecError as e:
+        print(f"router: error: {e}", file=sys.stderr)
+        return 2
+    log.configure("router")
+    try:
+        return asyncio.run(serve(spec, args.registry or spec.registry, args.host or spec.router.host,
+                                 spec.router.port if args.port is None else args.port))
+    except ModelError as e:
+        print(f"router: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

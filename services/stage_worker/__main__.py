@@ -1,0 +1,50 @@
+"""The stage worker service: one stage (TP group) of one replica.
+
+    python -m services.stage_worker --spec SPEC --replica R --stage S
+
+R is the replica's name or index in the spec. Rank 0 of the stage is this process; it starts
+the stage's other TP ranks itself, one process each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from trellis import log
+from trellis.spec import SpecError, load
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m services.stage_worker")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--replica", required=True, help="replica name or index")
+    ap.add_argument("--stage", type=int, required=True)
+    args = ap.parse_args()
+    try:
+        spec = load(args.spec)
+        names = [r.name for r in spec.replicas]
+        idx = names.index(args.replica) if args.replica in names else int(args.replica)
+        if not 0 <= idx < len(names):
+            raise ValueError
+        if not 0 <= args.stage < len(spec.replicas[idx].stages):
+            raise SpecError(f"--stage {args.stage}: replica {names[idx]} has "
+                            f"{len(spec.replicas[idx].stages)} stages")
+    except ValueError as e:
+        msg = str(e) if isinstance(e, SpecError) else f"--replica {args.replica}: no such replica ({', '.join(names)})"
+        print(f"stage_worker: error: {msg}", file=sys.stderr)
+        return 2
+    log.configure("stage_worker", replica=names[idx], stage=args.stage, rank=0)
+    from services.stage_worker.service import StageService
+
+    try:
+        service = StageService(spec, idx, args.stage)
+    except (SpecError, ValueError) as e:
+        print(f"stage_worker: error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(service.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

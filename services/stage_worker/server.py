@@ -1,0 +1,72 @@
+"""The stage leader's gRPC control API: Submit (head only), Stats, Drain, plus grpc.health.v1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from services.stage_worker.head import Head, ReplicaFailed
+from trellis import log
+from trellis.rpc.plan_codec import sampling_from_pb
+from trellis.v1 import stage_pb2, stage_pb2_grpc
+
+if TYPE_CHECKING:
+    from services.stage_worker.service import StageService
+
+
+class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
+    def __init__(self, service: StageService) -> None:
+        self.service = service
+
+    @property
+    def head(self) -> Head | None:
+        return self.service.head
+
+    async def Submit(self, request: stage_pb2.SubmitRequest,  # noqa: N802 - gRPC method name
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[stage_pb2.SubmitResponse]:
+        svc = self.service
+        if svc.launch.stage != 0:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"stage {svc.launch.stage} is not a head stage; submit to stage 0")
+        if self.head is None or not svc.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is still starting")
+        if svc.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
+        problem = svc.request_problem(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        sampling = sampling_from_pb(request.sampling, default_max_tokens=svc.default_max_tokens)
+        logger = log.get(request_id=request.request_id)
+        try:
+            stream = self.head.submit(list(request.prompt_ids), sampling)
+        except ReplicaFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        logger.debug("request admitted", seq_id=stream.seq_id, prompt_tokens=len(request.prompt_ids))
+        finished = False
+        try:
+            async for delta in stream:
+                finished = delta.finished
+                yield stage_pb2.SubmitResponse(token_ids=delta.token_ids,
+                                               finish_reason=str(delta.finish_reason or ""))
+        except ReplicaFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")
+        except asyncio.CancelledError:
+            logger.info("request cancelled", seq_id=stream.seq_id)
+            raise
+        finally:
+            if not finished:  # cancelled, deadline passed, or the stream broke: free its blocks
+                self.head.abort(stream.seq_id)
+
+    async def Stats(self, request: stage_pb2.StatsRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> stage_pb2.StageStats:
+        return self.service.stats()
+
+    async def Drain(self, request: stage_pb2.DrainRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> stage_pb2.DrainResponse:
+        drained = await self.service.drain(timeout=max(0.0, (context.time_remaining() or 30.0) - 0.5))
+        return stage_pb2.DrainResponse(drained=drained)
