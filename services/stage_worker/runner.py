@@ -1,0 +1,201 @@
+"""The per-rank engine of one stage: applies each step plan's diffs, runs the stage's layers, and on
+the last stage samples. The orchestration moves plans and hidden states; this object owns the model,
+the KV cache and every sequence's block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.stage_worker.model.attention import StepContext
+from services.stage_worker.model.attention_backend import AttentionBackend, TorchReferenceBackend
+from services.stage_worker.model.attention_metadata import AttentionMetadata, build_attention_metadata
+from services.stage_worker.model.config import ModelConfig, check_parallel
+from services.stage_worker.model.errors import ModelError
+from services.stage_worker.model.kv_cache import KVCache, kv_cache_bytes_per_block
+from services.stage_worker.model.loader import build_stage_model
+from services.stage_worker.model.parallel import TPGroup
+from services.stage_worker.plan import SamplingParams, SeqStep, StepPlan, StepResult
+from services.stage_worker.sampler import Sampler
+from trellis import log
+
+logger = log.get()
+
+
+class PlanError(Exception):
+    """A step plan this stage cannot apply (unknown sequence, block table gap, ...), told in one line."""
+
+
+@dataclass
+class _SeqState:
+    sampling: SamplingParams
+    block_table: list[int]
+
+
+class StageRunner:
+    """Layers ``[a, b)`` of the model on one TP rank, with their KV cache and every sequence's block table."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        layers: tuple[int, int],
+        tp: TPGroup,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        num_blocks: int,
+        model_path: str | None,
+        load_format: str = "auto",
+        seed: int = 0,
+        backend: AttentionBackend | None = None,
+    ):
+        check_parallel(cfg, tp.size, layers)
+        if block_size <= 0 or num_blocks <= 0:
+            raise ModelError(f"block_size and num_blocks must be positive, got {block_size} and {num_blocks}")
+        self.cfg = cfg
+        self.tp = tp
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.model = build_stage_model(
+            cfg,
+            layers=layers,
+            tp=tp,
+            device=self.device,
+            dtype=dtype,
+            model_path=model_path,
+            load_format=load_format,
+            seed=seed,
+        )
+        self.is_first, self.is_last = self.model.is_first, self.model.is_last
+        self.kv_cache = KVCache(
+            cfg,
+            layers=layers,
+            tp=tp.size,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            dtype=dtype,
+            device=self.device,
+        )
+        self.backend: AttentionBackend = backend or TorchReferenceBackend()
+        self.sampler = Sampler(seed, self.device)
+        self.seqs: dict[int, _SeqState] = {}
+        self.last_logits: torch.Tensor | None = None  # [sampled rows, vocab] float32, last stage only
+        logger.info(
+            "stage runner ready",
+            layers=list(layers),
+            tp_rank=tp.rank,
+            tp_size=tp.size,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=str(dtype),
+        )
+
+    @staticmethod
+    def num_blocks_for(
+        memory_bytes: int,
+        cfg: ModelConfig,
+        *,
+        layers: tuple[int, int],
+        tp: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ) -> int:
+        """How many KV blocks fit in ``memory_bytes`` on one rank of this stage."""
+        return memory_bytes // kv_cache_bytes_per_block(cfg, layers, tp, block_size, dtype)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
+        """Run one step. Returns hidden [tokens, hidden_size] on a non-last stage, a StepResult on the
+        last stage's TP rank 0, and None on the last stage's other ranks."""
+        self._apply_diffs(plan)
+        for step in plan.seqs:
+            self._check_step(step)
+        meta = build_attention_metadata(
+            [s.start_pos for s in plan.seqs],
+            [len(s.token_ids) for s in plan.seqs],
+            [self.seqs[s.seq_id].block_table for s in plan.seqs],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        out = self._run_layers(plan, hidden, meta) if plan.seqs else self._empty_hidden()
+        if not self.is_last:
+            return out
+        return self._sample(plan, out)
+
+    def _apply_diffs(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished:
+            self.seqs.pop(seq_id, None)
+        for request in plan.new_requests:
+            if request.seq_id in self.seqs:
+                raise PlanError(f"step {plan.step_id}: new request {request.seq_id} is already running")
+            self.seqs[request.seq_id] = _SeqState(sampling=request.sampling, block_table=[])
+        for step in plan.seqs:
+            state = self.seqs.get(step.seq_id)
+            if state is None:
+                raise PlanError(f"step {plan.step_id}: unknown sequence {step.seq_id}")
+            if step.block_table_start > len(state.block_table):
+                raise PlanError(
+                    f"step {plan.step_id}: sequence {step.seq_id} block_table_start {step.block_table_start} "
+                    f"is past its table of {len(state.block_table)} blocks"
+                )
+            if any(not 0 <= b < self.num_blocks for b in step.new_blocks):
+                raise PlanError(
+                    f"step {plan.step_id}: sequence {step.seq_id} has a block id outside "
+                    f"[0, {self.num_blocks})"
+                )
+            state.block_table[step.block_table_start :] = step.new_blocks
+
+    def _check_step(self, step: SeqStep) -> None:
+        if not step.token_ids:
+            raise PlanError(f"sequence {step.seq_id} is fed no tokens")
+        needed = step.start_pos + len(step.token_ids)
+        have = len(self.seqs[step.seq_id].block_table) * self.block_size
+        if needed > have:
+            raise PlanError(f"sequence {step.seq_id} needs {needed} cache slots but its blocks hold {have}")
+
+    def _run_layers(
+        self, plan: StepPlan, hidden: torch.Tensor | None, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if self.is_first:
+            ids = [t for s in plan.seqs for t in s.token_ids]
+            inputs = torch.tensor(ids, dtype=torch.int64).to(self.device)
+        else:
+            expected = (plan.num_tokens, self.cfg.hidden_size)
+            if hidden is None or tuple(hidden.shape) != expected:
+                got = None if hidden is None else list(hidden.shape)
+                raise PlanError(
+                    f"step {plan.step_id}: expected hidden states of shape {list(expected)}, got {got}"
+                )
+            inputs = hidden.to(self.device)
+        cos, sin = self.model.rotary_angles(meta.positions)
+        self.backend.begin_step(meta)
+        ctx = StepContext(meta=meta, kv_cache=self.kv_cache, backend=self.backend, cos=cos, sin=sin)
+        return self.model(inputs, ctx)  # [tokens, hidden]
+
+    def _empty_hidden(self) -> torch.Tensor:
+        return torch.empty(0, self.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> StepResult | None:
+        rows, sampled = [], []
+        end = 0
+        for step in plan.seqs:
+            end += len(step.token_ids)
+            if step.sample:
+                rows.append(end - 1)  # the last fed token's row predicts the next token
+                sampled.append(step)
+        picked = hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        self.last_logits = self.model.compute_logits(picked)  # [rows, vocab], identical on every rank
+        if not self.tp.is_leader:
+            return None
+        params = [self.seqs[s.seq_id].sampling for s in sampled]
+        tokens = self.sampler(self.last_logits, params, [s.output_index for s in sampled])
+        return StepResult(
+            step_id=plan.step_id,
+            seq_ids=tuple(s.seq_id for s in sampled),
+            token_ids=tuple(tokens),
+            logits=self.last_logits.cpu() if plan.return_logits else None,
+        )
