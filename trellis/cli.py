@@ -6,12 +6,14 @@ import argparse
 import sys
 
 from trellis.cli_generate import add_generate_parser
+from trellis.cli_up import add_up_parsers
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trellis", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    add_up_parsers(sub)
     try:
         from trellis.planner.cli import add_parser as add_plan_parser
 

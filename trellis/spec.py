@@ -41,7 +41,7 @@ class StageSpec:
     gpus: tuple[int, ...] = ()  # one CUDA device index per TP rank, when device is cuda
     host: str = "127.0.0.1"
     port: int = 0  # gRPC control API of the stage leader
-    ucx_port: int = 0  # UCX listener for activations (rank r listens on ucx_port + r)
+    ucx_port: int = 0  # UCX listener of the stage leader (activations in, sampled ids for a head)
     dist_port: int = 0  # torch.distributed rendezvous of the stage's TP group
 
 
@@ -254,8 +254,7 @@ def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
         for j, st in enumerate(rep.stages):
             w = f"replicas[{i}].stages[{j}]"
             claim(st.host, st.port, f"{w}.port")
-            for r in range(st.tp):
-                claim(st.host, st.ucx_port + r if st.ucx_port else 0, f"{w}.ucx_port")
+            claim(st.host, st.ucx_port, f"{w}.ucx_port")
             claim(st.host, st.dist_port, f"{w}.dist_port")
 
 

@@ -91,6 +91,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                                   text=text, finish_reason=finish)
                 if first:
                     out.replica, first = replica.name, False
+                    out.prompt_token_ids.extend(upstream.prompt_ids)
                 if finish:
                     out.usage.prompt_tokens, out.usage.completion_tokens = prompt_len, completion
                 yield out

@@ -1,0 +1,30 @@
+"""Specs for one host: every service on 127.0.0.1, ports picked free (the demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+from services.stage_worker.layout import split_layers
+from services.stage_worker.model.config import load_model_config
+from trellis.net import free_ports
+from trellis.spec import DeploySpec, EngineSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
+
+
+def local_spec(model_path: str, *, replicas: int = 1, stages: int = 1, tp: int = 1, router_port: int = 0,
+               device: str = "cpu", dtype: str = "float32", registry: str = "embedded",
+               engine: EngineSpec | None = None, max_queue: int = 256,
+               max_model_len: int | None = None) -> DeploySpec:
+    cfg = load_model_config(model_path)
+    layers = split_layers(cfg.num_hidden_layers, stages)
+    ports = iter(free_ports(1 + replicas * stages * 3))
+    router = RouterSpec(port=router_port or next(ports), max_queue=max_queue)
+    gpu = iter(range(replicas * stages * tp))
+    reps = []
+    for r in range(replicas):
+        sts = tuple(
+            StageSpec(layers=layers[s], tp=tp, device=device, host="127.0.0.1", port=next(ports),
+                      ucx_port=next(ports), dist_port=next(ports),
+                      gpus=tuple(next(gpu) for _ in range(tp)) if device == "cuda" else ())
+            for s in range(stages))
+        reps.append(ReplicaSpec(name=f"r{r}", stages=sts))
+    return DeploySpec(model=ModelSpec(path=model_path, load_format="auto", dtype=dtype,
+                                      max_model_len=max_model_len),
+                      replicas=tuple(reps), router=router, engine=engine or EngineSpec(), registry=registry)
