@@ -17,8 +17,8 @@ def cache_dir() -> Path:
     return Path(root) / f"demo-llama-{VERSION}"
 
 
-def demo_model(path: Path | None = None, *, train_steps: int = 300) -> Path:
-    """The demo checkpoint directory, building it (about half a minute on 2 cores) if missing."""
+def demo_model(path: Path | None = None, *, train_steps: int = 160) -> Path:
+    """The demo checkpoint directory, building it (under a minute on 2 idle cores) if missing."""
     path = path or cache_dir()
     if (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
         return path
@@ -41,7 +41,7 @@ def demo_model(path: Path | None = None, *, train_steps: int = 300) -> Path:
                       max_position_embeddings=1024, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    ctx, batch = 64, 16
+    ctx, batch = 48, 8
     logger.info("training the demo model", steps=train_steps, tokens=len(ids))
     for step in range(train_steps):
         starts = torch.randint(0, len(ids) - ctx - 1, (batch,))
@@ -50,9 +50,11 @@ def demo_model(path: Path | None = None, *, train_steps: int = 300) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == train_steps - 1:
+        if step % 40 == 0 or step == train_steps - 1:
             logger.info("demo model training", step=step, loss=round(loss.item(), 3))
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save(str(path / "tokenizer.json"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save(str(tmp / "tokenizer.json"))
+    tmp.replace(path)  # atomic: a half-written model is never taken for a cached one
     return path

@@ -1,0 +1,58 @@
+"""Global state of the mesh (membership, replica load, KV block index): embedded or on Redis."""
+
+from __future__ import annotations
+
+from trellis.registry.base import (
+    InvalidRecordError,
+    LeaseConflictError,
+    LeaseLostCallback,
+    Member,
+    Registry,
+    RegistryError,
+    RegistryUnavailableError,
+    ReplicaLoad,
+    ReplicaView,
+    complete_replicas,
+)
+from trellis.registry.embedded import EmbeddedRegistry, members_from_spec
+from trellis.registry.redis_registry import RedisRegistry
+from trellis.spec import DeploySpec
+
+__all__ = [
+    "EmbeddedRegistry",
+    "InvalidRecordError",
+    "LeaseConflictError",
+    "LeaseLostCallback",
+    "Member",
+    "RedisRegistry",
+    "Registry",
+    "RegistryError",
+    "RegistryUnavailableError",
+    "ReplicaLoad",
+    "ReplicaView",
+    "complete_replicas",
+    "members_from_spec",
+    "open_registry",
+]
+
+
+def open_registry(
+    url_or_embedded: str,
+    spec: DeploySpec | None,
+    namespace: str = "trellis",
+    *,
+    load_ttl_s: float = 10.0,
+    block_ttl_s: float = 10.0,
+) -> Registry:
+    """The registry a spec names: "embedded" (membership from spec) or redis://HOST:PORT/DB.
+
+    Nothing connects yet: a Redis registry reaches its server on first use, and raises
+    RegistryUnavailableError there if it cannot.
+    """
+    if url_or_embedded == "embedded":
+        return EmbeddedRegistry(spec, load_ttl_s=load_ttl_s)
+    if url_or_embedded.startswith("redis://"):
+        return RedisRegistry(
+            url_or_embedded, namespace=namespace, load_ttl_s=load_ttl_s, block_ttl_s=block_ttl_s
+        )
+    raise RegistryError(f"registry: expected 'embedded' or redis://HOST:PORT/DB, got {url_or_embedded!r}")

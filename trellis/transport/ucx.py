@@ -22,6 +22,8 @@ _PREFIX = np.dtype("<u8")
 def _ucxx() -> Any:
     # Imported on first use: only processes that move activations pay for UCX's start-up.
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    # Connection attempts to a listener that is not up yet are retried here; UCXX would log each.
+    os.environ.setdefault("UCXX_LOG_LEVEL", "FATAL")
     import ucxx
 
     return ucxx
