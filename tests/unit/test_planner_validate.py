@@ -1,0 +1,87 @@
+"""--validate: predictions next to benchmark measurements."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trellis.planner import cli
+from trellis.planner.calibration import default_calibration
+from trellis.planner.cost import replica_cost
+from trellis.planner.errors import PlanError
+from trellis.planner.hardware import cluster_from_args
+from trellis.planner.layout import Layout
+from trellis.planner.machine import machine_for
+from trellis.planner.model import load_model
+from trellis.planner.validate import load_results, predict
+
+RUN = {
+    "format": "trellis-bench/1",
+    "name": "8b-tp2-b1",
+    "config": {
+        "model": "llama-3-8b",
+        "dtype": "bf16",
+        "gpu": "h100-sxm",
+        "nodes": 1,
+        "gpus_per_node": 8,
+        "tp": 2,
+        "pp": 1,
+        "dp": 3,
+        "batch": 1,
+        "prompt_len": 128,
+        "output_len": 9,
+    },
+    "measured": {"decode_tok_s": 400.0, "ttft_s": 0.02, "tpot_s": 0.0075},
+}
+
+
+def test_one_sequence_prediction_is_its_step_times(tmp_path: Path) -> None:
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(RUN))
+    (run,) = load_results([str(f)])
+    pred = predict(run, default_calibration())
+    m = load_model("llama-3-8b")
+    cost = replica_cost(
+        m,
+        Layout(2, 1, 1, 8, ((0, 32),)),
+        machine_for(cluster_from_args("h100-sxm"), default_calibration()),
+        "bf16",
+        2,
+    )
+    ttft = cost.cycle(128, 128, 128 * 129 // 2, 1, False)[0]
+    tpot = np.mean([cost.cycle(1, 128 + i, 128 + i, 1, True)[0] for i in range(1, 9)])
+    assert pred["ttft_s"] == pytest.approx(ttft)
+    assert pred["tpot_s"] == pytest.approx(tpot)
+    assert pred["decode_tok_s"] == pytest.approx(3 / tpot)
+
+
+def test_table_lists_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    second = {
+        **RUN,
+        "name": "70b-tp8-b16",
+        "config": {**RUN["config"], "model": "llama-3-70b", "tp": 8, "dp": 1, "batch": 16},
+    }
+    f = tmp_path / "runs.json"
+    f.write_text(json.dumps({"format": "trellis-bench/1", "runs": [RUN, second]}))
+    assert cli.main(["--validate", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("decode_tok_s") == 2 and "70b-tp8-b16" in out and "%" in out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "other"}, "format"),
+        ({"config": {"model": "llama-3-8b"}}, "config.gpu: required"),
+        ({"config": {**RUN["config"], "tp": 0}}, "config.tp"),
+        ({"measured": {"tpot_s": "fast"}}, "measured"),
+    ],
+)
+def test_bad_results_are_one_clear_error(tmp_path: Path, change: dict, message: str) -> None:
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({**RUN, **change}))
+    with pytest.raises(PlanError, match=message):
+        load_results([str(f)])

@@ -1,0 +1,253 @@
+"""Measured figures that turn datasheet peaks into what a GPU and a link really deliver.
+
+The GPU benchmarks write a calibration file (JSON, format ``trellis-calibration/1``); the planner
+reads it with ``--calibration FILE``. Without one, the defaults below are figures measured on two
+H200s joined by NVLink and on one H100. The file's shape (see docs/planner.md)::
+
+    {"format": "trellis-calibration/1", "source": "what ran, where, when",
+     "gpus": {"h100-sxm": {"hbm_copy_bytes_per_s": 3.02e12, "matmul_bf16_flops_per_s": 7.9e14}},
+     "links": {"nvlink": {"gpu": "h200",
+                          "allreduce": [{"bytes": 16384, "gpus": 2, "eager_s": 3.4e-5, "graph_s": 2.0e-5}],
+                          "nccl_send": {"bytes": 67108864, "seconds": 2.02e-4},
+                          "ucx": {"small_bytes": 16384, "small_round_trip_s": 1.5e-4,
+                                  "large_bytes": 67108864, "large_one_way_s": 4.5e-4}}},
+     "step_overhead_s": 0.0}
+
+``hbm_copy_bytes_per_s`` counts read + write: a device copy of N bytes moves 2N bytes, so it is
+reported as 2N / time. A weight read moves N bytes, so the same figure is the effective rate for
+reading weights and KV (bytes read / this = time). ``step_overhead_s`` is the fixed host cost of
+one step (scheduling, launches) that the benchmarks measure; until they do it is 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from trellis.planner.errors import PlanError
+
+FORMAT = "trellis-calibration/1"
+
+
+@dataclass(frozen=True)
+class AllReducePoint:
+    bytes: int
+    gpus: int
+    eager_s: float
+    graph_s: float | None = None  # the same all-reduce captured in a CUDA graph
+
+
+@dataclass(frozen=True)
+class LinkCalibration:
+    gpu: str  # the GPU preset it was measured on: its datasheet link is the reference bandwidth
+    allreduce: tuple[AllReducePoint, ...]
+    nccl_send_bytes: int
+    nccl_send_s: float
+    ucx_small_bytes: int
+    ucx_small_round_trip_s: float
+    ucx_large_bytes: int
+    ucx_large_one_way_s: float
+
+    def allreduce_fit(self) -> tuple[float, float, float]:
+        """(eager latency, graph latency, bus bandwidth) from the smallest and largest points.
+
+        An all-reduce of S bytes over n GPUs moves 2(n-1)/n x S per GPU (the bus bytes), so
+        time = latency + bus bytes / bus bandwidth.
+        """
+        small = min(self.allreduce, key=lambda p: p.bytes)
+        large = max(self.allreduce, key=lambda p: p.bytes)
+        bus_bw = _bus_bytes(large) / large.eager_s
+        eager = max(0.0, small.eager_s - _bus_bytes(small) / bus_bw)
+        graph = eager if small.graph_s is None else max(0.0, small.graph_s - _bus_bytes(small) / bus_bw)
+        return eager, graph, bus_bw
+
+    def ucx_fit(self) -> tuple[float, float]:
+        """(one-way latency, bandwidth) of a UCX GPU-to-GPU send."""
+        latency = self.ucx_small_round_trip_s / 2
+        bandwidth = self.ucx_large_bytes / max(self.ucx_large_one_way_s - latency, 1e-12)
+        return latency, bandwidth
+
+
+def _bus_bytes(p: AllReducePoint) -> float:
+    return 2 * (p.gpus - 1) / p.gpus * p.bytes
+
+
+@dataclass(frozen=True)
+class GpuCalibration:
+    hbm_copy_bytes_per_s: float | None = None  # read + write counted (see the module doc)
+    matmul_bf16_flops_per_s: float | None = None  # dense bf16 GEMM, large shapes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str
+    gpus: Mapping[str, GpuCalibration]
+    links: Mapping[str, LinkCalibration]
+    step_overhead_s: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_dict(self) -> dict[str, Any]:
+        def gpu(g: GpuCalibration) -> dict[str, Any]:
+            return {k: v for k, v in vars(g).items() if v is not None}
+
+        def link(c: LinkCalibration) -> dict[str, Any]:
+            return {
+                "gpu": c.gpu,
+                "allreduce": [{k: v for k, v in vars(p).items() if v is not None} for p in c.allreduce],
+                "nccl_send": {"bytes": c.nccl_send_bytes, "seconds": c.nccl_send_s},
+                "ucx": {
+                    "small_bytes": c.ucx_small_bytes,
+                    "small_round_trip_s": c.ucx_small_round_trip_s,
+                    "large_bytes": c.ucx_large_bytes,
+                    "large_one_way_s": c.ucx_large_one_way_s,
+                },
+            }
+
+        return {
+            "format": FORMAT,
+            "source": self.source,
+            "gpus": {k: gpu(v) for k, v in self.gpus.items()},
+            "links": {k: link(v) for k, v in self.links.items()},
+            "step_overhead_s": self.step_overhead_s,
+            **dict(self.extra),
+        }
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def default_calibration() -> Calibration:
+    """Measured: 2 x H200 over NVLink (copy, NCCL, UCX) and 1 x H100 (copy, bf16 GEMM)."""
+    big = 256 * 1024 * 1024
+    return Calibration(
+        source="defaults: 2 x H200 NVLink and 1 x H100 measurements",
+        gpus=MappingProxyType({
+            "h200": GpuCalibration(hbm_copy_bytes_per_s=4.2e12),
+            "h100-sxm": GpuCalibration(hbm_copy_bytes_per_s=3.02e12, matmul_bf16_flops_per_s=790e12),
+        }),
+        links=MappingProxyType({
+            "nvlink": LinkCalibration(
+                gpu="h200",
+                # 16 KB: 34 us eager, 20 us in a CUDA graph; 256 MB: 300 GB/s bus bandwidth.
+                allreduce=(AllReducePoint(16384, 2, 34e-6, 20e-6), AllReducePoint(big, 2, big / 300e9)),
+                nccl_send_bytes=64 << 20, nccl_send_s=(64 << 20) / 332e9,
+                ucx_small_bytes=16384, ucx_small_round_trip_s=150e-6,
+                ucx_large_bytes=64 << 20, ucx_large_one_way_s=0.45e-3,
+            ),
+        }),
+    )  # fmt: skip
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except OSError as e:
+        raise PlanError(f"{p}: cannot read the calibration file ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanError(f"{p}: not valid JSON ({e})") from None
+    return parse_calibration(raw, str(p))
+
+
+def parse_calibration(raw: Any, where: str = "calibration") -> Calibration:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a JSON object")
+    if raw.get("format") != FORMAT:
+        raise PlanError(f"{where}.format: expected {FORMAT!r}, got {raw.get('format')!r}")
+    gpus = {}
+    for name, g in _obj(f"{where}.gpus", raw.get("gpus", {})).items():
+        g = _obj(f"{where}.gpus.{name}", g)
+        gpus[name] = GpuCalibration(
+            hbm_copy_bytes_per_s=_pos(
+                f"{where}.gpus.{name}.hbm_copy_bytes_per_s", g.get("hbm_copy_bytes_per_s")
+            ),
+            matmul_bf16_flops_per_s=_pos(
+                f"{where}.gpus.{name}.matmul_bf16_flops_per_s", g.get("matmul_bf16_flops_per_s")
+            ),
+        )
+    links = {
+        kind: _link(f"{where}.links.{kind}", c)
+        for kind, c in _obj(f"{where}.links", raw.get("links", {})).items()
+    }
+    default = default_calibration()
+    known = {"format", "source", "gpus", "links", "step_overhead_s"}
+    overhead = raw.get("step_overhead_s", 0.0)
+    if isinstance(overhead, bool) or not isinstance(overhead, int | float) or overhead < 0:
+        raise PlanError(f"{where}.step_overhead_s: expected a number >= 0, got {overhead!r}")
+    return Calibration(
+        source=str(raw.get("source", where)),
+        # What the file does not measure keeps its default.
+        gpus=MappingProxyType(
+            {**default.gpus, **{k: _merged(default.gpus.get(k), g) for k, g in gpus.items()}}
+        ),
+        links=MappingProxyType({**default.links, **links}),
+        step_overhead_s=float(overhead),
+        extra=MappingProxyType({k: v for k, v in raw.items() if k not in known}),
+    )
+
+
+def _merged(default: GpuCalibration | None, measured: GpuCalibration) -> GpuCalibration:
+    if default is None:
+        return measured
+    return GpuCalibration(
+        hbm_copy_bytes_per_s=measured.hbm_copy_bytes_per_s or default.hbm_copy_bytes_per_s,
+        matmul_bf16_flops_per_s=measured.matmul_bf16_flops_per_s or default.matmul_bf16_flops_per_s,
+    )
+
+
+def _obj(where: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise PlanError(f"{where}: expected an object, got {type(v).__name__}")
+    return v
+
+
+def _pos(where: str, v: Any, required: bool = False) -> float | None:
+    if v is None and not required:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise PlanError(f"{where}: expected a number > 0, got {v!r}")
+    return float(v)
+
+
+def _link(where: str, raw: Any) -> LinkCalibration:
+    c = _obj(where, raw)
+    points = c.get("allreduce")
+    if not isinstance(points, list) or not points:
+        raise PlanError(f"{where}.allreduce: expected a non-empty list of points")
+    ar = []
+    for i, p in enumerate(points):
+        p = _obj(f"{where}.allreduce[{i}]", p)
+        gpus = p.get("gpus")
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 2:
+            raise PlanError(f"{where}.allreduce[{i}].gpus: expected an integer >= 2, got {gpus!r}")
+        ar.append(
+            AllReducePoint(
+                int(_pos(f"{where}.allreduce[{i}].bytes", p.get("bytes"), True)),
+                gpus,
+                _pos(f"{where}.allreduce[{i}].eager_s", p.get("eager_s"), True),
+                _pos(f"{where}.allreduce[{i}].graph_s", p.get("graph_s")),
+            )
+        )
+    send = _obj(f"{where}.nccl_send", c.get("nccl_send"))
+    ucx = _obj(f"{where}.ucx", c.get("ucx"))
+
+    def req(obj: dict[str, Any], key: str, at: str) -> float:
+        return _pos(f"{where}.{at}.{key}", obj.get(key), True)  # type: ignore[return-value]
+
+    return LinkCalibration(
+        gpu=str(c.get("gpu", "h200")),
+        allreduce=tuple(ar),
+        nccl_send_bytes=int(req(send, "bytes", "nccl_send")),
+        nccl_send_s=req(send, "seconds", "nccl_send"),
+        ucx_small_bytes=int(req(ucx, "small_bytes", "ucx")),
+        ucx_small_round_trip_s=req(ucx, "small_round_trip_s", "ucx"),
+        ucx_large_bytes=int(req(ucx, "large_bytes", "ucx")),
+        ucx_large_one_way_s=req(ucx, "large_one_way_s", "ucx"),
+    )

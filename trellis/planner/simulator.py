@@ -1,0 +1,381 @@
+"""Discrete-event replay of a workload through a plan, from 1 GPU to thousands.
+
+Each replica runs what the head stage's scheduler does: continuous batching over ``m``
+micro-batches in flight (one per stage), chunked prefill inside a per-step token budget, a
+request admitted only when the KV room for its whole length (prompt + output) is free, no
+preemption. A micro-batch step goes through the stages in order; a stage works on one step at a
+time, first come first served, so a step's trip is a short recursion over the stages
+(start = max(arrival, stage free)) rather than one event per stage. A router sends each request
+to the replica with the fewest requests (a lazy heap). With a prefill/decode split, prefill
+replicas hand each prompt's KV to the least-loaded decode replica after the move time.
+
+Per step the work is O(stages) plus O(1) per request admitted or finished: decoding sequences
+are never visited one by one (their context sum grows by the batch size each step, and each one
+is filed under the step at which it finishes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trellis.planner.cost import ReplicaCost
+from trellis.planner.errors import PlanError
+from trellis.planner.workload import Requests
+
+_RETURN, _TO_DECODE, _ARRIVE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    replicas: int
+    kv_tokens: int  # per replica
+    max_seqs: int  # per replica
+    max_batched_tokens: int  # per micro-batch step
+    prefill_replicas: int = 0  # the first ones prefill only, the rest decode only
+    kv_move_latency_s: float = 0.0
+    kv_move_s_per_token: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimResult:
+    arrival: np.ndarray
+    first: np.ndarray  # time of the first token
+    finish: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    makespan_s: float
+    wall_s: float  # the simulator's own run time
+    steps: int
+    busy_fraction: float  # stage-time busy over stage-time available
+    kv_peak_fraction: float
+
+    @property
+    def ttft(self) -> np.ndarray:
+        return self.first - self.arrival
+
+    @property
+    def tpot(self) -> np.ndarray:
+        many = self.output > 1
+        return (self.finish[many] - self.first[many]) / (self.output[many] - 1)
+
+    def summary(self) -> dict[str, Any]:
+        ttft, tpot = self.ttft, self.tpot
+
+        def pct(a: np.ndarray) -> dict[str, float]:
+            if not len(a):
+                return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+            p50, p90, p99 = np.percentile(a, [50, 90, 99])
+            return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+        tokens_s = self._steady_tokens_per_s()
+        return {
+            "requests": len(self.arrival),
+            "makespan_s": self.makespan_s,
+            "wall_s": self.wall_s,
+            "steps": self.steps,
+            "ttft_s": pct(ttft),
+            "tpot_s": pct(tpot),
+            "throughput_req_s": tokens_s / float(self.output.mean()),
+            "output_tok_s": tokens_s,
+            "busy_fraction": self.busy_fraction,
+            "kv_peak_fraction": self.kv_peak_fraction,
+        }
+
+    def _steady_tokens_per_s(self) -> float:
+        """Output tokens per second in the steady window: from one mean request lifetime after the
+        first arrival (the warm-up) to the last arrival (then the load drains). A request's tokens
+        after the first are spread evenly between its first token and its end. A batch that all
+        arrives at once has no such window: it is measured over the makespan."""
+        start, stop = float(self.arrival.min()), float(self.arrival.max())
+        warm = start + min(0.5 * (stop - start), float((self.finish - self.arrival).mean()))
+        if stop - warm <= 0:
+            return float(self.output.sum()) / self.makespan_s if self.makespan_s else 0.0
+        span = np.maximum(self.finish - self.first, 1e-12)
+        inside = np.clip(np.minimum(self.finish, stop) - np.maximum(self.first, warm), 0.0, None) / span
+        firsts = (self.first >= warm) & (self.first <= stop)
+        return float((inside * (self.output - 1)).sum() + firsts.sum()) / (stop - warm)
+
+
+class _Group:
+    """One micro-batch slot of a replica."""
+
+    __slots__ = ("ctx", "done", "finish", "k", "n_dec", "nseq", "pf_left", "prefilling")
+
+    def __init__(self) -> None:
+        self.n_dec = 0  # sequences decoding
+        self.ctx = 0  # their context lengths, summed
+        self.k = 0  # decode steps taken
+        self.finish: dict[int, list[int]] = {}  # step -> sequences that end after it
+        self.prefilling: list[list[int]] = []  # [request, prompt tokens done], in admission order
+        self.pf_left = 0  # prompt tokens still to prefill
+        self.nseq = 0
+        self.done: list[int] = []  # prompts that complete in the step in flight
+
+
+class _Replica:
+    __slots__ = ("busy", "free", "groups", "idle", "index", "kv_used", "nseq", "ready", "role", "waiting")
+
+    def __init__(self, index: int, role: str, pp: int, m: int) -> None:
+        self.index, self.role = index, role
+        self.waiting: deque[int] = deque()  # requests to prefill
+        self.ready: deque[int] = deque()  # requests to decode (their KV moved in)
+        self.kv_used = 0
+        self.nseq = 0
+        self.groups = [_Group() for _ in range(m)]
+        self.idle = list(range(m))
+        self.free = [0.0] * pp  # when each stage is next free
+        self.busy = 0.0
+
+
+class _Pool:
+    """Least-loaded replica of a set, by requests assigned and not yet done (a lazy heap)."""
+
+    def __init__(self, members: list[int], load: list[int]) -> None:
+        self.load = load
+        self.heap = [(0, i) for i in members]
+        heapq.heapify(self.heap)
+
+    def pick(self) -> int:
+        heap, load = self.heap, self.load
+        while True:
+            n, i = heap[0]
+            if load[i] == n:
+                return i
+            heapq.heappop(heap)
+
+    def add(self, i: int, delta: int) -> None:
+        self.load[i] += delta
+        heapq.heappush(self.heap, (self.load[i], i))
+
+
+def simulate(cost: ReplicaCost, cfg: SimConfig, reqs: Requests, clients: int | None = None) -> SimResult:
+    """Replay ``reqs`` (open loop at their arrival times, or closed loop with ``clients`` in flight)."""
+    return _Sim(cost, cfg, reqs, clients).run()
+
+
+class _Sim:
+    def __init__(self, cost: ReplicaCost, cfg: SimConfig, reqs: Requests, clients: int | None) -> None:
+        n = len(reqs)
+        self.cfg, self.clients = cfg, clients
+        self.prompt = [int(x) for x in reqs.prompt]
+        self.output = [int(x) for x in reqs.output]
+        longest = max(p + o for p, o in zip(self.prompt, self.output, strict=True)) if n else 0
+        if longest > cfg.kv_tokens:
+            raise PlanError(
+                f"a request of {longest} tokens exceeds a replica's KV room of {cfg.kv_tokens} tokens"
+            )
+        self.arrival = [float(x) for x in reqs.arrival] if clients is None else [0.0] * n
+        self.first = [0.0] * n
+        self.end = [0.0] * n
+        self.pp = cost.pp
+        classes = list(dict.fromkeys(cost.stages))
+        self.classes = classes
+        self.cls = [classes.index(s) for s in cost.stages]
+        self.hops = [
+            (h.latency_s, h.s_per_token, h.gather_graph_s, h.gather_eager_s, h.to_head) for h in cost.hops
+        ]
+        m = cost.pp
+        self.group_seqs = min(-(-cfg.max_seqs // m), cfg.max_batched_tokens)
+        split = cfg.prefill_replicas
+        self.replicas = [
+            _Replica(i, "both" if not split else "prefill" if i < split else "decode", cost.pp, m)
+            for i in range(cfg.replicas)
+        ]
+        load = [0] * cfg.replicas
+        self.front = _Pool(list(range(split or cfg.replicas)), load)
+        self.back = _Pool(list(range(split, cfg.replicas)), load) if split else None
+        self.events: list[tuple[float, int, int, int, int]] = []
+        self.seq = 0
+        self.steps = 0
+        self.kv_peak = 0
+        self.issued = 0
+
+    def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, a, b))
+
+    def run(self) -> SimResult:
+        wall = time.perf_counter()
+        n = len(self.prompt)
+        events, arrival = self.events, self.arrival
+        opened = 0  # open loop: requests already arrived
+        if self.clients is not None:
+            for rid in range(min(self.clients, n)):
+                self._push(0.0, _ARRIVE, rid)
+            self.issued = min(self.clients, n)
+            opened = n
+        inf = float("inf")
+        while True:
+            t_next = events[0][0] if events else inf
+            if opened < n and arrival[opened] <= t_next:
+                self._arrive(opened, arrival[opened])
+                opened += 1
+                continue
+            if not events:
+                break
+            t, _, kind, a, b = heapq.heappop(events)
+            if kind == _RETURN:
+                self._returned(self.replicas[a], b, t)
+            elif kind == _TO_DECODE:
+                rep = self.replicas[self.back.pick()]  # type: ignore[union-attr]
+                self.back.add(rep.index, 1)  # type: ignore[union-attr]
+                rep.ready.append(a)
+                self._wake(rep, t)
+            else:
+                arrival[a] = t
+                self._arrive(a, t)
+        return self._result(time.perf_counter() - wall)
+
+    def _arrive(self, rid: int, t: float) -> None:
+        rep = self.replicas[self.front.pick()]
+        self.front.add(rep.index, 1)
+        rep.waiting.append(rid)
+        self._wake(rep, t)
+
+    def _wake(self, rep: _Replica, t: float) -> None:
+        if rep.idle:
+            self._start(rep, rep.idle.pop(), t)
+
+    def _start(self, rep: _Replica, gi: int, t: float) -> None:
+        """Form the group's next step at the head and send it through the stages."""
+        g = rep.groups[gi]
+        cfg, prompt, output = self.cfg, self.prompt, self.output
+        budget = cfg.max_batched_tokens - g.n_dec
+        if rep.role == "decode":
+            ready = rep.ready
+            while ready and g.nseq < self.group_seqs and rep.nseq < cfg.max_seqs:
+                rid = ready[0]
+                need = prompt[rid] + output[rid]
+                if rep.kv_used + need > cfg.kv_tokens:
+                    break
+                ready.popleft()
+                rep.kv_used += need
+                rep.nseq += 1
+                g.nseq += 1
+                g.n_dec += 1
+                g.ctx += prompt[rid] + 1
+                g.finish.setdefault(g.k + output[rid] - 1, []).append(rid)
+        else:
+            waiting, keep_output = rep.waiting, rep.role == "both"
+            while waiting and g.pf_left < budget and g.nseq < self.group_seqs and rep.nseq < cfg.max_seqs:
+                rid = waiting[0]
+                need = prompt[rid] + (output[rid] if keep_output else 0)
+                if rep.kv_used + need > cfg.kv_tokens:
+                    break
+                waiting.popleft()
+                rep.kv_used += need
+                rep.nseq += 1
+                g.nseq += 1
+                g.prefilling.append([rid, 0])
+                g.pf_left += prompt[rid]
+        if rep.kv_used > self.kv_peak:
+            self.kv_peak = rep.kv_used
+        chunk = pairs = reads = 0
+        done = g.done
+        room = budget
+        for entry in g.prefilling:
+            if room <= 0:
+                break
+            rid, did = entry
+            c = min(prompt[rid] - did, room)
+            pairs += c * did + c * (c + 1) // 2
+            reads += did + c
+            entry[1] = did + c
+            room -= c
+            chunk += c
+            if did + c == prompt[rid]:
+                done.append(rid)
+        g.pf_left -= chunk
+        tokens = g.n_dec + chunk
+        if tokens == 0:
+            rep.idle.append(gi)
+            return
+        self.steps += 1
+        graph = chunk == 0
+        samples = g.n_dec + len(done)
+        kv_reads = g.ctx + reads
+        times = [s.time(tokens, kv_reads, g.ctx + pairs, samples, graph) for s in self.classes]
+        free, cls = rep.free, self.cls
+        busy = 0.0
+        for j in range(self.pp):
+            s = times[cls[j]]
+            if free[j] > t:
+                t = free[j]
+            t += s
+            free[j] = t
+            busy += s
+            lat, per, gg, ge, to_head = self.hops[j]
+            if to_head:
+                t += lat + per * samples
+            else:
+                t += lat + per * tokens + (gg if graph else ge)
+        rep.busy += busy
+        self._push(t, _RETURN, rep.index, gi)
+
+    def _returned(self, rep: _Replica, gi: int, t: float) -> None:
+        g = rep.groups[gi]
+        prompt, output = self.prompt, self.output
+        if g.n_dec:
+            g.ctx += g.n_dec
+        g.k += 1
+        ending = g.finish.pop(g.k, None)
+        if ending:
+            for rid in ending:
+                g.n_dec -= 1
+                g.ctx -= prompt[rid] + output[rid]
+                self._finish(rep, g, rid, t, prompt[rid] + output[rid])
+        if g.done:
+            del g.prefilling[: len(g.done)]
+            for rid in g.done:
+                self.first[rid] = t
+                if output[rid] == 1:
+                    self._finish(rep, g, rid, t, prompt[rid] + (0 if rep.role == "prefill" else 1))
+                elif rep.role == "prefill":
+                    rep.kv_used -= prompt[rid]
+                    rep.nseq -= 1
+                    g.nseq -= 1
+                    self.front.add(rep.index, -1)
+                    move = self.cfg.kv_move_latency_s + self.cfg.kv_move_s_per_token * prompt[rid]
+                    self._push(t + move, _TO_DECODE, rid)
+                else:
+                    g.n_dec += 1
+                    g.ctx += prompt[rid] + 1
+                    g.finish.setdefault(g.k + output[rid] - 1, []).append(rid)
+            g.done = []
+        self._start(rep, gi, t)
+        if rep.idle and (rep.waiting or rep.ready):
+            self._wake(rep, t)  # room freed here may let an idle micro-batch admit work
+
+    def _finish(self, rep: _Replica, g: _Group, rid: int, t: float, held: int) -> None:
+        self.end[rid] = t
+        rep.kv_used -= held
+        rep.nseq -= 1
+        g.nseq -= 1
+        (self.back if rep.role == "decode" else self.front).add(rep.index, -1)  # type: ignore[union-attr]
+        if self.clients is not None and self.issued < len(self.prompt):
+            self._push(t, _ARRIVE, self.issued)
+            self.issued += 1
+
+    def _result(self, wall: float) -> SimResult:
+        arrival, first, end = np.array(self.arrival), np.array(self.first), np.array(self.end)
+        makespan = float(end.max() - arrival.min()) if len(end) else 0.0
+        stages = self.cfg.replicas * self.pp
+        busy = sum(r.busy for r in self.replicas) / (stages * makespan) if makespan else 0.0
+        return SimResult(
+            arrival,
+            first,
+            end,
+            np.array(self.prompt),
+            np.array(self.output),
+            makespan,
+            wall,
+            self.steps,
+            busy,
+            self.kv_peak / self.cfg.kv_tokens if self.cfg.kv_tokens else 0.0,
+        )

@@ -1,0 +1,143 @@
+"""``trellis plan --validate RESULTS...``: the model's predictions next to benchmark measurements.
+
+A result file (JSON, format ``trellis-bench/1``) holds one run, or ``{"runs": [...]}`` several::
+
+    {"format": "trellis-bench/1", "name": "70b-tp8-b32",
+     "config": {"model": "llama-3-70b", "dtype": "bf16", "gpu": "h100-sxm", "nodes": 1, "gpus_per_node": 8,
+                "tp": 8, "pp": 1, "dp": 1, "batch": 32, "prompt_len": 1024, "output_len": 256,
+                "max_batched_tokens": 2048},
+     "measured": {"decode_tok_s": 1580.0, "ttft_s": 0.41, "tpot_s": 0.0203}}
+
+``batch`` requests per replica start together (a closed batch). ``ttft_s`` is their mean time to
+first token, ``tpot_s`` their mean time per output token after the first, ``decode_tok_s`` the
+output tokens per second of the whole deployment while they decode (dp x batch / tpot). Any
+measured figure may be left out. The prediction replays the same batch through the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trellis.planner.calibration import Calibration
+from trellis.planner.cost import replica_cost
+from trellis.planner.errors import PlanError
+from trellis.planner.hardware import cluster_from_args
+from trellis.planner.layout import Layout, split_layers
+from trellis.planner.machine import machine_for
+from trellis.planner.memory import Budget, replica_memory
+from trellis.planner.model import DTYPE_BYTES, load_model
+from trellis.planner.report import table
+from trellis.planner.simulator import SimConfig, simulate
+from trellis.planner.workload import Lengths, Workload, sample_requests
+
+RESULT_FORMAT = "trellis-bench/1"
+METRICS = ("decode_tok_s", "ttft_s", "tpot_s")
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    name: str
+    config: dict[str, Any]
+    measured: dict[str, float]
+
+
+def load_results(paths: list[str]) -> list[BenchRun]:
+    runs = []
+    for path in paths:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read the result ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from None
+        items = raw.get("runs") if isinstance(raw, dict) and "runs" in raw else [raw]
+        if not isinstance(items, list):
+            raise PlanError(f"{path}.runs: expected a list of runs")
+        for i, item in enumerate(items):
+            where = f"{path}" + (f".runs[{i}]" if len(items) > 1 else "")
+            runs.append(
+                _run(where, item, default_format=raw.get("format") if isinstance(raw, dict) else None)
+            )
+    return runs
+
+
+def _run(where: str, raw: Any, default_format: str | None) -> BenchRun:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a JSON object")
+    if raw.get("format", default_format) != RESULT_FORMAT:
+        raise PlanError(
+            f"{where}.format: expected {RESULT_FORMAT!r}, got {raw.get('format', default_format)!r}"
+        )
+    config, measured = raw.get("config"), raw.get("measured", {})
+    if not isinstance(config, dict):
+        raise PlanError(f"{where}.config: expected an object")
+    for key in ("model", "gpu", "tp", "pp", "dp", "batch", "prompt_len", "output_len"):
+        if key not in config:
+            raise PlanError(f"{where}.config.{key}: required")
+    for key in ("tp", "pp", "dp", "batch", "prompt_len", "output_len"):
+        v = config[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PlanError(f"{where}.config.{key}: expected an integer >= 1, got {v!r}")
+    if not isinstance(measured, dict) or not all(
+        isinstance(measured.get(k, 0.0), int | float) for k in METRICS
+    ):
+        raise PlanError(f"{where}.measured: expected numbers for {', '.join(METRICS)}")
+    return BenchRun(
+        str(raw.get("name", where)), config, {k: float(measured[k]) for k in METRICS if k in measured}
+    )
+
+
+def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
+    cfg = run.config
+    model = load_model(str(cfg["model"]))
+    dtype = str(cfg.get("dtype", "bf16"))
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"{run.name}.config.dtype: must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    per_node = int(cfg.get("gpus_per_node", cfg["tp"] * cfg["pp"] * cfg["dp"]))
+    cluster = cluster_from_args(str(cfg["gpu"]), int(cfg.get("nodes", 1)), per_node)
+    tp, pp, dp, batch = cfg["tp"], cfg["pp"], cfg["dp"], cfg["batch"]
+    prompt, output = cfg["prompt_len"], cfg["output_len"]
+    problem = model.tp_problem(tp)
+    if problem or pp > model.layers:
+        raise PlanError(f"{run.name}: {problem or f'PP {pp} exceeds the {model.layers} layers'}")
+    layout = Layout(tp, pp, dp, per_node, split_layers(model.layers, pp))
+    tokens = int(cfg.get("max_batched_tokens", 2048))
+    budget = Budget(
+        cluster.gpu.memory_bytes,
+        float(cfg.get("gpu_memory_utilization", 0.85)),
+        dtype,
+        2,
+        tokens,
+        batch,
+        prompt + output,
+    )
+    mem = replica_memory(model, layout, budget)
+    cost = replica_cost(model, layout, machine_for(cluster, calibration), dtype, 2)
+    workload = Workload(Lengths("fixed", prompt), Lengths("fixed", output))
+    reqs = sample_requests(workload, batch, seed=0)
+    # The run did hold the batch, so KV room is at least what the batch needed.
+    sim = simulate(cost, SimConfig(1, max(mem.kv_tokens, batch * (prompt + output)), batch, tokens), reqs)
+    tpot = float(sim.tpot.mean()) if output > 1 else 0.0
+    return {
+        "ttft_s": float(sim.ttft.mean()),
+        "tpot_s": tpot,
+        "decode_tok_s": dp * batch / tpot if tpot else 0.0,
+    }
+
+
+def validation_table(runs: list[BenchRun], calibration: Calibration) -> str:
+    rows = []
+    for run in runs:
+        pred = predict(run, calibration)
+        c = run.config
+        label = f"{c['model']} {c['gpu']} TP {c['tp']} x PP {c['pp']} x DP {c['dp']}, batch {c['batch']}"
+        for metric in METRICS:
+            got = run.measured.get(metric)
+            err = f"{(pred[metric] - got) / got:+.0%}" if got else "-"
+            rows.append(
+                [run.name, label, metric, f"{pred[metric]:.4g}", "-" if got is None else f"{got:.4g}", err]
+            )
+    return table(["run", "configuration", "metric", "predicted", "measured", "error"], rows) + "\n"
