@@ -21,10 +21,14 @@ class StageLaunch:
     dist_host: str
     dist_port: int  # rendezvous of this stage's TP group
     block_size: int
-    num_blocks: int
+    num_blocks: int  # 0: as many as fit the GPU (each stage may hold more than the ring's minimum)
     replica: str = "offline"
     seed: int = 0
     cuda_graphs: bool = False
+    max_model_len: int | None = None
+    max_num_seqs: int = 256  # the largest decode batch, hence the largest graph
+    gpu_memory_utilization: float = 0.85
+    one_shot_max_bytes: int = 0  # all-reduces up to this size over peer memory (0: NCCL only)
 
     @property
     def is_first(self) -> bool:

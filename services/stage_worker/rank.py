@@ -67,7 +67,9 @@ def start_rank(launch: StageLaunch, rank: int) -> RankContext:
     runner = StageRunner(
         cfg, layers=launch.layers, tp=tp, device=device, dtype=dtype, block_size=launch.block_size,
         num_blocks=launch.num_blocks, model_path=launch.model_path, load_format=launch.load_format,
-        seed=launch.seed)
+        seed=launch.seed, cuda_graphs=launch.cuda_graphs, max_model_len=launch.max_model_len,
+        max_graph_batch=launch.max_num_seqs, gpu_memory_utilization=launch.gpu_memory_utilization,
+        one_shot_max_bytes=launch.one_shot_max_bytes)
     control = ControlChannel(tp=launch.tp, device=device, dtype=dtype, ctrl_group=ctrl, data_group=data)
     return RankContext(launch, rank, cfg, device, dtype, runner, control)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.stage_worker.cuda_graphs import DecodeGraphs
 from services.stage_worker.model.attention import StepContext
 from services.stage_worker.model.attention_backend import AttentionBackend, TorchReferenceBackend
 from services.stage_worker.model.attention_metadata import AttentionMetadata, build_attention_metadata
@@ -51,10 +52,16 @@ class StageRunner:
         load_format: str = "auto",
         seed: int = 0,
         backend: AttentionBackend | None = None,
+        cuda_graphs: bool = False,
+        max_model_len: int | None = None,
+        max_graph_batch: int = 256,
+        gpu_memory_utilization: float = 0.85,
+        one_shot_max_bytes: int = 0,
     ):
         check_parallel(cfg, tp.size, layers)
-        if block_size <= 0 or num_blocks <= 0:
-            raise ModelError(f"block_size and num_blocks must be positive, got {block_size} and {num_blocks}")
+        if block_size <= 0 or num_blocks < 0:
+            raise ModelError(f"block_size must be positive and num_blocks >= 0 (0: fit memory), "
+                             f"got {block_size} and {num_blocks}")
         self.cfg = cfg
         self.tp = tp
         self.device = torch.device(device)
@@ -71,19 +78,36 @@ class StageRunner:
             seed=seed,
         )
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
+        on_gpu = self.device.type == "cuda"
+        if num_blocks == 0:
+            num_blocks = self.num_blocks = self._blocks_that_fit(layers, dtype, gpu_memory_utilization)
+        if on_gpu:
+            self.model.use_fused_kernels()
         self.kv_cache = KVCache(
             cfg,
             layers=layers,
             tp=tp.size,
             block_size=block_size,
-            num_blocks=num_blocks,
+            num_blocks=num_blocks + 1,  # the last block is scratch: padded graph rows write there
             dtype=dtype,
             device=self.device,
         )
+        if backend is None and on_gpu:
+            from services.stage_worker.model.gpu_backend import GpuAttentionBackend  # needs triton
+
+            backend = GpuAttentionBackend()
         self.backend: AttentionBackend = backend or TorchReferenceBackend()
         self.sampler = Sampler(seed, self.device)
         self.seqs: dict[int, _SeqState] = {}
         self.last_logits: torch.Tensor | None = None  # [sampled rows, vocab] float32, last stage only
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and on_gpu:
+            max_len = max_model_len or cfg.max_position_embeddings
+            self.graphs = DecodeGraphs(
+                forward=self._graph_forward, is_first=self.is_first, hidden_size=cfg.hidden_size, dtype=dtype,
+                device=self.device, block_size=block_size, scratch_block=num_blocks,
+                max_batch=max_graph_batch, max_blocks_per_seq=-(-max_len // block_size))
+            self.graphs.capture()
         logger.info(
             "stage runner ready",
             layers=list(layers),
@@ -93,6 +117,25 @@ class StageRunner:
             block_size=block_size,
             dtype=str(dtype),
         )
+
+    def _blocks_that_fit(self, layers: tuple[int, int], dtype: torch.dtype, utilization: float) -> int:
+        """KV blocks that fit in `utilization` of the GPU after the weights, less room for graphs
+        and activations; the minimum over the TP group, so every rank agrees."""
+        if self.device.type != "cuda":
+            raise ModelError("num_blocks 0 (fit the memory) needs a CUDA device; give num_blocks on CPU")
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserve = 2 << 30  # CUDA graphs' pool, logits, activations of the largest prefill chunk
+        budget = int(total * utilization) - (total - free) - reserve
+        n = max(0, budget) // kv_cache_bytes_per_block(self.cfg, layers, self.tp.size, self.block_size, dtype)
+        if self.tp.size > 1:
+            t = torch.tensor([n], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.tp.group)
+            n = int(t.item())
+        if n < 1:
+            raise ModelError(f"no room for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} "
+                             f"GiB after loading the weights (gpu_memory_utilization {utilization})")
+        return n
 
     @staticmethod
     def num_blocks_for(
@@ -114,6 +157,8 @@ class StageRunner:
         self._apply_diffs(plan)
         for step in plan.seqs:
             self._check_step(step)
+        if self._graphable(plan):
+            return self._execute_graph(plan, hidden)
         meta = build_attention_metadata(
             [s.start_pos for s in plan.seqs],
             [len(s.token_ids) for s in plan.seqs],
@@ -125,6 +170,34 @@ class StageRunner:
         if not self.is_last:
             return out
         return self._sample(plan, out)
+
+    # ---- the CUDA-graph path: decode-only steps ----------------------------------------------------
+    def _graphable(self, plan: StepPlan) -> bool:
+        g = self.graphs
+        return (g is not None and bool(plan.seqs) and len(plan.seqs) <= g.max_batch
+                and all(len(s.token_ids) == 1 for s in plan.seqs))
+
+    def _graph_forward(self, meta: AttentionMetadata, inputs: torch.Tensor) -> torch.Tensor:
+        """What a graph captures: the stage's layers (and the LM head on the last stage)."""
+        cos, sin = self.model.rotary_angles(meta.positions)
+        self.backend.begin_step(meta)
+        ctx = StepContext(meta=meta, kv_cache=self.kv_cache, backend=self.backend, cos=cos, sin=sin)
+        out = self.model(inputs, ctx)
+        return self.model.compute_logits(out) if self.is_last else out
+
+    def _execute_graph(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
+        if self.is_first:
+            inputs = torch.tensor([s.token_ids[0] for s in plan.seqs], dtype=torch.int64)
+        else:
+            inputs = hidden
+        out = self.graphs.run(inputs, [s.start_pos for s in plan.seqs],
+                              [self.seqs[s.seq_id].block_table for s in plan.seqs])
+        if not self.is_last:
+            return out.clone()  # the graph's output buffer is overwritten by the next replay
+        rows = [i for i, s in enumerate(plan.seqs) if s.sample]  # a 1-token prefill chunk may not sample
+        if len(rows) < len(plan.seqs):
+            out = out[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        return self._sampled_result(plan, [plan.seqs[i] for i in rows], out)
 
     def _apply_diffs(self, plan: StepPlan) -> None:
         for seq_id in plan.finished:
@@ -188,7 +261,10 @@ class StageRunner:
                 rows.append(end - 1)  # the last fed token's row predicts the next token
                 sampled.append(step)
         picked = hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]
-        self.last_logits = self.model.compute_logits(picked)  # [rows, vocab], identical on every rank
+        return self._sampled_result(plan, sampled, self.model.compute_logits(picked))
+
+    def _sampled_result(self, plan: StepPlan, sampled: list[SeqStep], logits: torch.Tensor) -> StepResult | None:
+        self.last_logits = logits  # [rows, vocab], identical on every rank
         if not self.tp.is_leader:
             return None
         params = [self.seqs[s.seq_id].sampling for s in sampled]

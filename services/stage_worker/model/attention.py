@@ -46,13 +46,18 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias, tp=tp, dtype=dtype
         )
+        self.fused = None  # on GPU: the Triton kernels module (rotary of q and k in one kernel)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:  # [tokens, hidden] -> same
         tokens = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = apply_rotary(q.view(tokens, -1, self.head_dim), ctx.cos, ctx.sin)  # [tokens, q_heads, head_dim]
-        k = apply_rotary(k.view(tokens, -1, self.head_dim), ctx.cos, ctx.sin)  # [tokens, kv_heads, head_dim]
+        q = q.view(tokens, -1, self.head_dim)  # [tokens, q_heads, head_dim]
+        k = k.view(tokens, -1, self.head_dim)  # [tokens, kv_heads, head_dim]
         v = v.view(tokens, -1, self.head_dim)
+        if self.fused is not None:
+            q, k = self.fused.apply_rotary(q, k, ctx.cos, ctx.sin)
+        else:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         out = ctx.backend.forward(
             q, k, v, ctx.kv_cache.layer(self.layer_idx), scale=self.scale, sliding_window=self.sliding_window
         )

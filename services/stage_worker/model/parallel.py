@@ -18,6 +18,17 @@ class TPGroup:
         self.rank = rank
         self.size = size
         self.group = group  # None: the default world
+        self.one_shot = None  # OneShotAllReduce for small tensors on GPU (see enable_one_shot)
+
+    def enable_one_shot(self, device: torch.device, max_bytes: int) -> bool:
+        """Small all-reduces (decode) over peer memory instead of NCCL; False where unavailable."""
+        from services.stage_worker.model.custom_allreduce import OneShotAllReduce
+
+        if self.size > 1 and max_bytes > 0:
+            self.one_shot = OneShotAllReduce.create(
+                self.group or dist.group.WORLD, max_bytes=max_bytes, device=device
+            )
+        return self.one_shot is not None
 
     @classmethod
     def single(cls) -> TPGroup:
@@ -33,8 +44,10 @@ class TPGroup:
         return self.rank == 0
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the group, in place."""
+        """Sum ``t`` over the group (in place with NCCL/gloo; use the returned tensor)."""
         if self.size > 1:
+            if self.one_shot is not None and self.one_shot.fits(t):
+                return self.one_shot(t)
             dist.all_reduce(t, group=self.group)
         return t
 
