@@ -8,11 +8,17 @@ from trellis.net import free_ports
 from trellis.spec import DeploySpec, EngineSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 
 
-def local_spec(model_path: str, *, replicas: int = 1, stages: int = 1, tp: int = 1, router_port: int = 0,
+def local_spec(model_path: str | None = None, *, preset: str | None = None, replicas: int = 1, stages: int = 1, tp: int = 1, router_port: int = 0,
                device: str = "cpu", dtype: str = "float32", registry: str = "embedded",
                engine: EngineSpec | None = None, max_queue: int = 256,
                max_model_len: int | None = None) -> DeploySpec:
-    cfg = load_model_config(model_path)
+    """A model directory, or a preset (dummy weights, for benchmarks)."""
+    if preset is not None:
+        from trellis.presets import model_config
+
+        cfg = load_model_config(model_config(preset))
+    else:
+        cfg = load_model_config(model_path)
     layers = split_layers(cfg.num_hidden_layers, stages)
     ports = iter(free_ports(1 + replicas * stages * 3))
     router = RouterSpec(port=router_port or next(ports), max_queue=max_queue)
@@ -25,6 +31,7 @@ def local_spec(model_path: str, *, replicas: int = 1, stages: int = 1, tp: int =
                       gpus=tuple(next(gpu) for _ in range(tp)) if device == "cuda" else ())
             for s in range(stages))
         reps.append(ReplicaSpec(name=f"r{r}", stages=sts))
-    return DeploySpec(model=ModelSpec(path=model_path, load_format="auto", dtype=dtype,
-                                      max_model_len=max_model_len),
+    model = ModelSpec(path=model_path, preset=preset, load_format="dummy" if preset else "auto", dtype=dtype,
+                      max_model_len=max_model_len)
+    return DeploySpec(model=model,
                       replicas=tuple(reps), router=router, engine=engine or EngineSpec(), registry=registry)

@@ -77,6 +77,7 @@ class EngineSpec:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget of one step; longer prompts are chunked
     cuda_graphs: bool = True
+    decode_burst: int = 1  # greedy decode steps per plan when nobody waits (one-stage replicas)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def parse(raw: Any) -> DeploySpec:
         "block_size": _int(1), "num_blocks": _opt(_int(1)),
         "gpu_memory_utilization": lambda w, v: _typed(w, v, (int, float), minimum=0.05),
         "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
-        "cuda_graphs": lambda w, v: _typed(w, v, bool)})
+        "cuda_graphs": lambda w, v: _typed(w, v, bool), "decode_burst": _int(1)})
     kv = top.get("kv_store")
     kv_store = None if kv is None else _dataclass_from(KVStoreSpec, "kv_store", kv, {
         "host": _str(), "port": _port, "ucx_port": _port, "capacity_bytes": _int(1),

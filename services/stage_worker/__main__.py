@@ -43,7 +43,18 @@ def main() -> int:
     except (SpecError, ValueError) as e:
         print(f"stage_worker: error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(service.run())
+    try:
+        return asyncio.run(service.run())
+    finally:
+        _stop_ucx_notifier()
+
+
+def _stop_ucx_notifier() -> None:
+    """ucxx's notifier thread (UCXPY_ENABLE_PYTHON_FUTURE=1) is no daemon: unless stopped, the process
+    never exits."""
+    ucxx = sys.modules.get("ucxx")
+    if ucxx is not None:
+        ucxx.stop_notifier_thread()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from services.stage_worker.model.attention_metadata import AttentionMetadata
@@ -37,6 +38,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, w, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Per row: token id, position, slot, context length, then the block table. Filled on the
+        # host in pinned memory and moved in one copy: a step's inputs cost one H2D transfer.
+        self._host = torch.zeros(n, 4 + w, dtype=torch.int64).pin_memory()
+        self._host_np = self._host.numpy()
+        self._staged = torch.zeros(n, 4 + w, dtype=torch.int64, device=device)
+        self._copied = torch.cuda.Event()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
 
@@ -76,19 +83,37 @@ class DecodeGraphs:
             self.block_tables[n:bs] = self.scratch_block
             self.context_lens[n:bs] = 1
 
-    def run(self, inputs: torch.Tensor, positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One decode step of n = len(positions) sequences; returns the output rows [n, ...]."""
+    def run(self, inputs: torch.Tensor | Sequence[int], positions: Sequence[int],
+            tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One decode step of n = len(positions) sequences: token ids (first stage; a list, or a
+        device tensor when a burst feeds back its own picks) or hidden states [n, hidden]; returns
+        the output rows [n, ...]."""
         n = len(positions)
         bs = self.bucket(n)
-        bsz = self.block_size
-        slots = [t[p // bsz] * bsz + p % bsz for p, t in zip(positions, tables, strict=True)]
         width = max(len(t) for t in tables)
-        host = torch.tensor([list(t) + [self.scratch_block] * (width - len(t)) for t in tables], dtype=torch.int32)
-        self.inputs[:n].copy_(inputs, non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-        self.block_tables[:n, :width].copy_(host, non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor([p + 1 for p in positions], dtype=torch.int32), non_blocking=True)
+        self._copied.synchronize()  # the previous step's copy has left the pinned buffer
+        h = self._host_np
+        ids_on_host = self.is_first and not isinstance(inputs, torch.Tensor)
+        if ids_on_host:
+            h[:n, 0] = inputs
+        pos = np.asarray(positions, dtype=np.int64)
+        h[:n, 1] = pos
+        for i, t in enumerate(tables):
+            h[i, 4:4 + len(t)] = t
+        blocks = h[np.arange(n), 4 + pos // self.block_size]
+        h[:n, 2] = blocks * self.block_size + pos % self.block_size
+        h[:n, 3] = pos + 1
+        staged = self._staged[:n, :4 + width]
+        staged.copy_(self._host[:n, :4 + width], non_blocking=True)
+        self._copied.record()
+        if ids_on_host:
+            self.inputs[:n] = staged[:, 0]
+        else:
+            self.inputs[:n].copy_(inputs)
+        self.positions[:n] = staged[:, 1]
+        self.slots[:n] = staged[:, 2]
+        self.context_lens[:n] = staged[:, 3]
+        self.block_tables[:n, :width] = staged[:, 4:]
         self._pad(n, bs)
         self._graphs[bs].replay()
         return self._outputs[bs][:n]

@@ -11,15 +11,18 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from services.stage_worker.executor import StageExecutor
-from services.stage_worker.head import Head, ReplicaFailed
+from services.stage_worker.head import Head, ReplicaFailed, ring_handshake
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.layout import default_num_blocks, split_layers
+from services.stage_worker.model import loader
 from services.stage_worker.model.config import ModelConfig, check_parallel
 from services.stage_worker.model.errors import ModelError
 from services.stage_worker.plan import SamplingParams
@@ -52,6 +55,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     return_logits: bool = False  # keep each sequence's first-step logits (tests)
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (on CUDA only)
+    gpu_memory_utilization: float = 0.85
+    one_shot_max_bytes: int = 0  # TP all-reduces up to this size over peer memory (0: NCCL only)
+    decode_burst: int = 1  # greedy decode steps per plan when nobody waits (one stage only)
 
 
 @dataclass
@@ -60,6 +67,17 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     first_logits: torch.Tensor | None = None
+    submitted_at: float = 0.0  # time.perf_counter() at submission, then when each token arrived
+    token_times: list[float] = field(default_factory=list)
+
+
+def check_weight_files(model_dir: str) -> None:
+    """Open every safetensors file of the checkpoint (headers only): a missing, truncated or corrupt
+    file is then a one-line error here, not a crash inside a child process after the others loaded."""
+    directory = Path(model_dir)
+    for file in sorted(set(loader._weight_map(directory).values())):
+        with loader._open(directory / file):
+            pass
 
 
 def _free_port() -> int:
@@ -85,19 +103,28 @@ class Engine:
             self.stage_layers = split_layers(self.cfg.num_hidden_layers, args.pp)
             for layers in self.stage_layers:
                 check_parallel(self.cfg, args.tp, layers)
+            if args.load_format != "dummy":
+                check_weight_files(args.model)
         except ModelError as e:
             raise EngineError(str(e)) from None
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
-        self.num_blocks = args.num_blocks or default_num_blocks(
-            self.cfg, block_size=args.block_size, max_model_len=self.max_model_len,
-            max_num_seqs=args.max_num_seqs)
+        if args.num_blocks is not None:
+            self.num_blocks = args.num_blocks
+        elif args.device == "cuda":
+            self.num_blocks = 0  # each stage fits its GPU; the ring agrees on the minimum at start
+        else:
+            self.num_blocks = default_num_blocks(self.cfg, block_size=args.block_size,
+                                                 max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs)
         self._log = log.get()
         self._procs: list[subprocess.Popen] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
         try:
-            self._call(self._start())
+            self._call(self._start_watched())
+        except ModelError as e:  # e.g. a tensor of the wrong shape, found while loading
+            self.close()
+            raise EngineError(str(e)) from None
         except BaseException:
             self.close()
             raise
@@ -111,12 +138,36 @@ class Engine:
             layers=self.stage_layers[stage], stage=stage, num_stages=a.pp, tp=a.tp, device=a.device,
             gpus=tuple(gpus[stage * a.tp:(stage + 1) * a.tp]) if a.device == "cuda" else (),
             dist_host="127.0.0.1", dist_port=_free_port(), block_size=a.block_size,
-            num_blocks=self.num_blocks, seed=a.seed)
+            num_blocks=self.num_blocks, seed=a.seed, cuda_graphs=a.cuda_graphs and a.device == "cuda",
+            max_model_len=self.max_model_len, max_num_seqs=a.max_num_seqs,
+            gpu_memory_utilization=a.gpu_memory_utilization, one_shot_max_bytes=a.one_shot_max_bytes)
+
+    async def _start_watched(self) -> None:
+        """Start the ring, failing fast if a stage process exits first (the ring would wait for it)."""
+        start = asyncio.create_task(self._start())
+        while not start.done():
+            dead = [(s, p.returncode) for s, p in enumerate(self._procs, start=1) if p.poll() is not None]
+            if dead:
+                start.cancel()
+                await asyncio.wait({start})  # let it unwind (closes the listener)
+                stage, code = dead[0]
+                raise EngineError(f"stage {stage} exited with code {code} while starting; its log says why")
+            await asyncio.wait({start}, timeout=0.2)
+        start.result()
 
     async def _start(self) -> None:
         a = self.args
         ports = [_free_port() for _ in range(a.pp)]
         listener = Listener(ports[0], torch.device("cpu")) if a.pp > 1 else None
+        try:
+            await self._link_ring(ports, listener)
+        finally:
+            if listener is not None:
+                listener.close()
+        self._log.info("engine ready", tp=a.tp, pp=a.pp, layers=self.stage_layers, num_blocks=self.num_blocks)
+
+    async def _link_ring(self, ports: list[int], listener: Listener | None) -> None:
+        a = self.args
         for s in range(1, a.pp):
             nxt = ports[(s + 1) % a.pp]
             self._procs.append(subprocess.Popen([
@@ -129,17 +180,15 @@ class Engine:
         if a.pp > 1:
             outbound = await connect("127.0.0.1", ports[1], self.executor.ctx.device, timeout=LINK_TIMEOUT_S)
             inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
-            listener.close()
+        self.num_blocks = await ring_handshake(self.executor, outbound, inbound, LINK_TIMEOUT_S)
         sched = Scheduler(SchedulerConfig(
             num_blocks=self.num_blocks, block_size=a.block_size, max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=self.max_model_len,
             eos_token_ids=self.cfg.eos_token_ids, enable_prefix_caching=a.enable_prefix_caching,
-            max_in_flight=a.pp))
+            max_in_flight=a.pp, max_decode_burst=a.decode_burst))
         self.head = Head(self.executor, sched, num_stages=a.pp, outbound=outbound, inbound=inbound,
                          return_logits=a.return_logits)
-        await self.head.handshake(timeout=LINK_TIMEOUT_S)
         self._runner = asyncio.create_task(self.head.run())
-        self._log.info("engine ready", tp=a.tp, pp=a.pp, layers=self.stage_layers, num_blocks=self.num_blocks)
 
     def _call(self, coro):  # noqa: ANN001, ANN202
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -153,7 +202,10 @@ class Engine:
                 self._call(self._stop())
             except Exception as e:  # a broken replica still gets its processes reaped below
                 self._log.warning("engine stop", error=str(e))
+        started = hasattr(self, "_runner")
         for p in self._procs:
+            if not started:  # a stage of a ring that never formed would wait for it for a long time
+                p.kill()
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -203,9 +255,10 @@ class Engine:
             raise EngineError(f"prompt {i}: {'; '.join(sp.problems())}")
 
     async def _collect(self, stream) -> Completion:  # noqa: ANN001
-        out = Completion(list(stream.prompt_ids))
+        out = Completion(list(stream.prompt_ids), submitted_at=time.perf_counter())
         try:
             async for delta in stream:
+                out.token_times.extend([time.perf_counter()] * len(delta.token_ids))
                 if out.first_logits is None and delta.logits is not None:
                     out.first_logits = delta.logits
                 out.token_ids.extend(delta.token_ids)

@@ -47,7 +47,8 @@ class StageExecutor:
 
     def run_sync(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
         ctx = self.ctx
-        ctx.control.send(encode_plan(plan), hidden)
+        if ctx.control.tp > 1:
+            ctx.control.send(encode_plan(plan), hidden)
         out = ctx.runner.execute(plan, hidden)
         if isinstance(out, StepResult) and plan.return_logits:
             out = dataclasses.replace(out, logits=ctx.runner.last_logits.float().cpu())

@@ -63,6 +63,23 @@ class RequestStream:
 _END = TokenDelta((), True, None)
 
 
+async def ring_handshake(executor: StageExecutor, outbound: Link | None, inbound: Link | None,
+                         timeout: float) -> int:
+    """Send Hello round the ring and wait for it: every stage is loaded and linked.
+
+    Returns the number of KV blocks that every stage of the ring can hold.
+    """
+    mine = executor.ctx.runner.num_blocks
+    if outbound is None:
+        return mine
+    await outbound.send(pipe.encode(pipe.Hello("ring", mine)))
+    header, _ = await asyncio.wait_for(inbound.recv(), timeout)
+    msg = pipe.decode(header)
+    if not isinstance(msg, pipe.Hello):
+        raise ReplicaFailed(f"the ring answered the hello with {type(msg).__name__}")
+    return msg.num_blocks
+
+
 class Head:
     def __init__(self, executor: StageExecutor, scheduler: Scheduler, *, num_stages: int,
                  outbound: Link | None = None, inbound: Link | None = None,
@@ -114,15 +131,6 @@ class Head:
         return bool(self._streams) or self.scheduler.has_work()
 
     # ---- the loop --------------------------------------------------------------------------
-    async def handshake(self, timeout: float) -> None:
-        """Send Hello round the ring and wait for it: every stage is loaded and linked."""
-        if self.num_stages == 1:
-            return
-        await self.outbound.send(pipe.encode(pipe.Hello("ring")))
-        header, _ = await asyncio.wait_for(self.inbound.recv(), timeout)
-        if not isinstance(pipe.decode(header), pipe.Hello):
-            raise ReplicaFailed("the ring answered the hello with something else")
-
     async def run(self) -> None:
         receiver = self._receiver = asyncio.create_task(self._receive()) if self.num_stages > 1 else None
         try:

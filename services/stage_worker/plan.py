@@ -71,6 +71,9 @@ class StepPlan:
     new_requests: tuple[NewRequest, ...] = ()
     finished: tuple[int, ...] = ()  # sequences whose state every stage drops before this step
     return_logits: bool = False  # the last stage sends the sampled rows' full logits back (tests, logprobs)
+    # A decode burst: every sequence is a greedy decode, and the stage runs this many steps in a
+    # row, feeding each sampled token back on the device; blocks for all of them are in the plan.
+    decode_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -79,9 +82,11 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The last stage's answer for one step: one sampled token per sequence with sample=True."""
+    """The last stage's answer for one step: per sequence with sample=True, one sampled token (or
+    `steps` of them after a decode burst)."""
 
     step_id: int
     seq_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # `steps` tokens per sequence, sequence-major
+    steps: int = 1
     logits: Any = None  # float32 [len(seq_ids), vocab] when the plan asked for them (a torch tensor)

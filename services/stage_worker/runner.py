@@ -157,6 +157,8 @@ class StageRunner:
         self._apply_diffs(plan)
         for step in plan.seqs:
             self._check_step(step)
+        if plan.decode_steps > 1:
+            return self._execute_burst(plan)
         if self._graphable(plan):
             return self._execute_graph(plan, hidden)
         meta = build_attention_metadata(
@@ -186,10 +188,7 @@ class StageRunner:
         return self.model.compute_logits(out) if self.is_last else out
 
     def _execute_graph(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
-        if self.is_first:
-            inputs = torch.tensor([s.token_ids[0] for s in plan.seqs], dtype=torch.int64)
-        else:
-            inputs = hidden
+        inputs = [s.token_ids[0] for s in plan.seqs] if self.is_first else hidden
         out = self.graphs.run(inputs, [s.start_pos for s in plan.seqs],
                               [self.seqs[s.seq_id].block_table for s in plan.seqs])
         if not self.is_last:
@@ -198,6 +197,49 @@ class StageRunner:
         if len(rows) < len(plan.seqs):
             out = out[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         return self._sampled_result(plan, [plan.seqs[i] for i in rows], out)
+
+    # ---- decode bursts: several greedy steps, the tokens fed back on the device ---------------------
+    def _execute_burst(self, plan: StepPlan) -> StepResult | None:
+        """Run plan.decode_steps greedy decode steps of every sequence in a row; one host sync at the
+        end. Every TP rank picks the same argmax from the same gathered logits, so ranks stay in step."""
+        if not (self.is_first and self.is_last):
+            raise PlanError(f"step {plan.step_id}: a decode burst needs the whole model on one stage")
+        steps, n = plan.decode_steps, len(plan.seqs)
+        tables = [self.seqs[s.seq_id].block_table for s in plan.seqs]
+        picked = torch.empty(steps, n, dtype=torch.int64, device=self.device)
+        tokens: list[int] | torch.Tensor = [s.token_ids[0] for s in plan.seqs]
+        first_logits = None
+        for k in range(steps):
+            positions = [s.start_pos + k for s in plan.seqs]
+            if self._graphable(plan):
+                logits = self.graphs.run(tokens, positions, tables)
+            else:
+                logits = self._eager_decode(plan, tokens, positions, tables)
+            if k == 0:
+                first_logits = logits.clone()
+            torch.argmax(logits, dim=-1, out=picked[k])
+            tokens = picked[k]
+        self.last_logits = first_logits
+        if not self.tp.is_leader:
+            return None
+        per_seq = picked.t().tolist()  # the one sync of the burst
+        return StepResult(
+            step_id=plan.step_id,
+            seq_ids=tuple(s.seq_id for s in plan.seqs),
+            token_ids=tuple(t for row in per_seq for t in row),
+            steps=steps,
+            logits=first_logits.cpu() if plan.return_logits else None,
+        )
+
+    def _eager_decode(self, plan: StepPlan, tokens: list[int] | torch.Tensor, positions: list[int],
+                      tables: list[list[int]]) -> torch.Tensor:
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        step_plan = StepPlan(plan.step_id, tuple(
+            SeqStep(s.seq_id, p, (t,), len(tab), (), True) for s, p, t, tab in zip(plan.seqs, positions, ids, tables,
+                                                                                 strict=True)))
+        meta = build_attention_metadata(positions, [1] * len(positions), tables, block_size=self.block_size,
+                                        device=self.device)
+        return self.model.compute_logits(self._run_layers(step_plan, None, meta))
 
     def _apply_diffs(self, plan: StepPlan) -> None:
         for seq_id in plan.finished:

@@ -17,6 +17,7 @@ to come back (it becomes the victim) instead of throwing away its own work.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
@@ -52,6 +53,9 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...] = ()
     enable_prefix_caching: bool = True
     max_in_flight: int = 1  # outstanding micro-batches: the number of pipeline stages
+    # Greedy decode bursts: with one stage and nobody waiting, a step of pure greedy decodes may
+    # run up to this many tokens per sequence on the device before the host looks again.
+    max_decode_burst: int = 1
     admission_watermark: float = 0.01  # share of blocks kept free when admitting beside running seqs
     cache_key: str | None = None  # mixed into block names (e.g. the model id)
 
@@ -65,6 +69,7 @@ class SchedulerConfig:
                 ("max_num_batched_tokens", 1),
                 ("max_model_len", 2),
                 ("max_in_flight", 1),
+                ("max_decode_burst", 1),
             )
             if getattr(self, name) < low
         ]
@@ -100,6 +105,7 @@ class Scheduler:
         self._outstanding: dict[int, tuple[SeqStep, ...]] = {}  # step id -> its steps, until complete()
         self._pending_finished: list[int] = []  # announced seqs gone since the last plan
         self._next_step_id = 0
+        self._bursts: dict[int, int] = {}  # step id -> decode steps, until complete()
         self._next_arrival = 0
         self._num_preemptions = 0
         self._watermark = int(config.num_blocks * config.admission_watermark)
@@ -186,6 +192,7 @@ class Scheduler:
                     break  # first come, first served: nobody overtakes a waiting sequence
         if not batch.steps:
             return None
+        burst = self._burst(batch)
         step_id = self._next_step_id
         self._next_step_id += 1
         plan = StepPlan(
@@ -193,9 +200,11 @@ class Scheduler:
             seqs=tuple(batch.steps),
             new_requests=tuple(batch.new_requests),
             finished=tuple(self._pending_finished),
+            decode_steps=burst,
         )
         self._pending_finished.clear()
         self._outstanding[step_id] = plan.seqs
+        self._bursts[step_id] = burst
         return plan
 
     def complete(self, result: StepResult) -> list[SeqUpdate]:
@@ -203,25 +212,35 @@ class Scheduler:
         steps = self._outstanding.get(result.step_id)
         if steps is None:
             raise SchedulerError(f"result for step {result.step_id}, which is not outstanding")
-        sampled = self._check_result(result, steps)
+        burst = self._bursts.get(result.step_id, 1)
+        sampled = self._check_result(result, steps, burst)
         del self._outstanding[result.step_id]
+        del self._bursts[result.step_id]
         updates: list[SeqUpdate] = []
         for step in steps:
             seq = self._seqs[step.seq_id]
             seq.in_flight = False
-            seq.num_computed_tokens += len(step.token_ids)
-            self.block_manager.register_computed(seq)  # the step completed on every stage
+            seq.num_computed_tokens += len(step.token_ids) + burst - 1  # a burst fed its own tokens
+            if burst == 1:
+                self.block_manager.register_computed(seq)  # the step completed on every stage
             if seq.abort_requested:
                 self._finish(seq, FinishReason.ABORT)
                 continue
             if not step.sample:
                 continue
-            token = sampled[seq.seq_id]
-            seq.output_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            new: list[int] = []
+            reason = None
+            for token in sampled[seq.seq_id]:  # a burst's tokens past a finish are dropped
+                seq.output_ids.append(token)
+                new.append(token)
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    break
             if reason is not None:
                 self._finish(seq, reason)
-            updates.append(SeqUpdate(seq.seq_id, (token,), reason is not None, reason))
+            elif burst > 1:  # only now are the burst's tokens known, and with them its blocks' names
+                self.block_manager.register_computed(seq)
+            updates.append(SeqUpdate(seq.seq_id, tuple(new), reason is not None, reason))
         return updates
 
     # -- introspection ---------------------------------------------------------------------------
@@ -310,6 +329,33 @@ class Scheduler:
         seq.in_flight = True
         batch.budget -= num_new
 
+    def _burst(self, batch: _Batch) -> int:
+        """How many decode steps this batch may run on the device in a row (1: an ordinary step).
+
+        Only with one stage, nobody waiting to be admitted, and every sequence a greedy decode;
+        never past a sequence's max_tokens or the context; blocks for every step allocated now.
+        """
+        cfg = self.config
+        if cfg.max_decode_burst == 1 or cfg.max_in_flight != 1 or self._waiting:
+            return 1
+        seqs = [self._seqs[st.seq_id] for st in batch.steps]
+        if any(len(st.token_ids) != 1 or not st.sample for st in batch.steps):
+            return 1
+        if any(not s.sampling.greedy or s.sampling.stop_token_ids for s in seqs):
+            return 1
+        burst = min([cfg.max_decode_burst]
+                    + [s.sampling.max_tokens - len(s.output_ids) for s in seqs]
+                    + [cfg.max_model_len - s.num_tokens for s in seqs])
+        bm = self.block_manager
+        # Each sequence already has a slot for its first step; room for all `burst` of them:
+        if burst <= 1 or sum(bm.num_new_blocks(s, burst) for s in seqs) > bm.num_free_blocks:
+            return 1
+        for i, (st, seq) in enumerate(zip(batch.steps, seqs, strict=True)):
+            bm.allocate_slots(seq, burst)
+            batch.steps[i] = dataclasses.replace(st, new_blocks=tuple(seq.block_table[st.block_table_start:]))
+            seq.num_synced_blocks = len(seq.block_table)
+        return burst
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -346,13 +392,16 @@ class Scheduler:
         if seq.announced:
             self._pending_finished.append(seq.seq_id)
 
-    def _check_result(self, result: StepResult, steps: tuple[SeqStep, ...]) -> dict[int, int]:
-        """The result's seq id -> token, after checking it answers exactly the plan's sampled seqs."""
-        if len(result.seq_ids) != len(result.token_ids):
+    def _check_result(
+        self, result: StepResult, steps: tuple[SeqStep, ...], burst: int
+    ) -> dict[int, tuple[int, ...]]:
+        """The result's seq id -> its tokens, after checking it answers exactly the plan's sampled seqs."""
+        if result.steps != burst or len(result.seq_ids) * burst != len(result.token_ids):
             raise SchedulerError(
-                f"step {result.step_id}: {len(result.seq_ids)} seq ids but {len(result.token_ids)} tokens"
+                f"step {result.step_id}: {len(result.seq_ids)} seq ids and {len(result.token_ids)} tokens "
+                f"in {result.steps} steps, but the plan asked for {burst} steps"
             )
-        sampled = dict(zip(result.seq_ids, result.token_ids, strict=True))
+        sampled = {sid: tuple(result.token_ids[i * burst:(i + 1) * burst]) for i, sid in enumerate(result.seq_ids)}
         expected = {s.seq_id for s in steps if s.sample}
         if len(sampled) != len(result.seq_ids) or sampled.keys() != expected:
             raise SchedulerError(

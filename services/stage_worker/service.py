@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from services.stage_worker.executor import StageExecutor
-from services.stage_worker.head import Head
+from services.stage_worker.head import Head, ring_handshake
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.layout import default_num_blocks
 from services.stage_worker.rank import model_config
@@ -29,7 +29,7 @@ from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
 from trellis.registry import Member, ReplicaLoad, open_registry
 from trellis.spec import DeploySpec, SpecError
-from trellis.transport.ucx import Link, Listener, connect
+from trellis.transport.ucx import Link, LinkClosed, Listener, connect
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 
 LEASE_TTL_S = 3.0
@@ -51,13 +51,15 @@ def launch_from_spec(spec: DeploySpec, replica: int, stage: int) -> StageLaunch:
     cfg = model_config(probe)
     spec.check_layers(cfg.num_hidden_layers)
     max_len = m.max_model_len or cfg.max_position_embeddings
-    num_blocks = spec.engine.num_blocks or default_num_blocks(
-        cfg, block_size=spec.engine.block_size, max_model_len=max_len, max_num_seqs=spec.engine.max_num_seqs)
+    num_blocks = spec.engine.num_blocks or (0 if st.device == "cuda" else default_num_blocks(
+        cfg, block_size=spec.engine.block_size, max_model_len=max_len, max_num_seqs=spec.engine.max_num_seqs))
     return StageLaunch(
         model_path=m.path, preset=m.preset, load_format=m.load_format, dtype=m.dtype, layers=st.layers,
         stage=stage, num_stages=len(rep.stages), tp=st.tp, device=st.device, gpus=st.gpus,
         dist_host=st.host, dist_port=st.dist_port, block_size=spec.engine.block_size,
-        num_blocks=num_blocks, replica=rep.name, cuda_graphs=spec.engine.cuda_graphs)
+        num_blocks=num_blocks, replica=rep.name, cuda_graphs=spec.engine.cuda_graphs and st.device == "cuda",
+        max_model_len=max_len, max_num_seqs=spec.engine.max_num_seqs,
+        gpu_memory_utilization=spec.engine.gpu_memory_utilization)
 
 
 class StageService:
@@ -100,9 +102,10 @@ class StageService:
         return None
 
     def stats(self) -> stage_pb2.StageStats:
-        s = stage_pb2.StageStats(replica=self.launch.replica, stage=self.launch.stage,
-                                 num_blocks=self.launch.num_blocks, draining=self.draining, ready=self.ready)
+        s = stage_pb2.StageStats(replica=self.launch.replica, stage=self.launch.stage, draining=self.draining,
+                                 ready=self.ready)
         if self.head is not None:
+            s.num_blocks = self.head.scheduler.config.num_blocks
             st = self.head.scheduler.stats()
             s.free_blocks = st.get("free_blocks", 0)
             s.running = st.get("running", 0)
@@ -172,15 +175,20 @@ class StageService:
         launch = self.launch
         if launch.stage != 0:
             self.ready = True
-            reason = await serve_stage(self.executor, inbound, outbound)
+            try:
+                reason = await serve_stage(self.executor, inbound, outbound)
+            except LinkClosed as e:  # a neighbour died (e.g. kill -9): this replica is broken
+                self._log.error("ring broken", error=str(e))
+                return "failed"
             return "stopped" if "shutdown" in reason else "failed"
         e = self.spec.engine
+        num_blocks = await ring_handshake(self.executor, outbound, inbound, LINK_TIMEOUT_S)
         sched = Scheduler(SchedulerConfig(
-            num_blocks=launch.num_blocks, block_size=launch.block_size, max_num_seqs=e.max_num_seqs,
+            num_blocks=num_blocks, block_size=launch.block_size, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.max_model_len,
-            eos_token_ids=self.cfg.eos_token_ids, max_in_flight=launch.num_stages))
+            eos_token_ids=self.cfg.eos_token_ids, max_in_flight=launch.num_stages,
+            max_decode_burst=e.decode_burst))
         self.head = Head(self.executor, sched, num_stages=launch.num_stages, outbound=outbound, inbound=inbound)
-        await self.head.handshake(timeout=LINK_TIMEOUT_S)
         self.ready = True
         reporter = asyncio.create_task(self._report_load())
         try:

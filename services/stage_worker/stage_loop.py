@@ -26,7 +26,7 @@ def payload_tensor(payload: torch.Tensor | None, dtype: str, shape: tuple[int, .
 async def send_result(link: Link, result: StepResult) -> None:
     """Last stage -> head: the ids in the header, the logits (if asked for) as the payload."""
     logits = result.logits
-    header = pipe.encode(StepResult(result.step_id, result.seq_ids, result.token_ids))
+    header = pipe.encode(StepResult(result.step_id, result.seq_ids, result.token_ids, result.steps))
     await link.send(header, None if logits is None else logits.contiguous())
 
 
@@ -46,10 +46,12 @@ async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) ->
                 else:
                     await outbound.send(pipe.encode(pipe.Activations(plan, executor.launch.dtype,
                                                                      tuple(out.shape))), out)
-            case pipe.Hello() | pipe.Stop() | pipe.PipeError():
+            case pipe.Hello(token, num_blocks):
+                mine = executor.ctx.runner.num_blocks
+                await outbound.send(pipe.encode(pipe.Hello(token, min(num_blocks, mine))))
+            case pipe.Stop() | pipe.PipeError():
                 await outbound.send(header)
-                if not isinstance(msg, pipe.Hello):
-                    logger.info("stage loop ends", reason=str(msg))
-                    return str(msg)
+                logger.info("stage loop ends", reason=str(msg))
+                return str(msg)
             case _:
                 logger.warning("unexpected pipe message", kind=type(msg).__name__)

@@ -83,3 +83,9 @@ def test_fp32_split_matches_transformers(checkpoint, tp, pp) -> None:  # noqa: A
         pytest.skip("covered by llama kinds")
     outs = run(path, ps, dtype="float32", tp=tp, pp=pp)
     assert [o.token_ids for o in outs] == ref
+
+
+def test_fp32_decode_bursts_in_graphs_match_transformers(checkpoint) -> None:  # noqa: ANN001
+    kind, path, ps, ref = checkpoint
+    outs = run(path, ps, dtype="float32", decode_burst=8)
+    assert [o.token_ids for o in outs] == ref

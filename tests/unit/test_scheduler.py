@@ -97,7 +97,16 @@ class FakeStages:
                 seq_ids.append(step.seq_id)
                 tokens.append(digest % VOCAB)
                 known.append(tokens[-1])
-        return StepResult(plan.step_id, tuple(seq_ids), tuple(tokens))
+                # A decode burst feeds each sampled token back, in slots the plan already holds.
+                for pos in range(end, end + plan.decode_steps - 1):
+                    assert owners[table[pos // self.block_size]] == [step.seq_id]
+                    digest = mix(digest, known[-1])
+                    self.kv[self.slot(table, pos)] = digest
+                    tokens.append(digest % VOCAB)
+                    known.append(tokens[-1])
+            else:
+                assert plan.decode_steps == 1, "a burst holds only decodes"
+        return StepResult(plan.step_id, tuple(seq_ids), tuple(tokens), steps=plan.decode_steps)
 
     def _block_owners(self) -> dict[int, list[int]]:
         """Block -> the live seqs whose current table (per the scheduler) holds it."""
@@ -223,7 +232,7 @@ def random_workload(rng: random.Random, cfg: SchedulerConfig, n: int) -> list[Re
     return requests
 
 
-def random_config(rng: random.Random, max_in_flight: int) -> SchedulerConfig:
+def random_config(rng: random.Random, max_in_flight: int, max_decode_burst: int = 1) -> SchedulerConfig:
     block_size = rng.choice([1, 2, 4, 8])
     return SchedulerConfig(
         num_blocks=rng.randint(max(4, 24 // block_size), 96 // block_size),  # often scarce: preemption
@@ -235,6 +244,7 @@ def random_config(rng: random.Random, max_in_flight: int) -> SchedulerConfig:
         enable_prefix_caching=rng.random() < 0.7,
         max_in_flight=max_in_flight,
         admission_watermark=rng.choice([0.0, 0.1]),
+        max_decode_burst=max_decode_burst,
     )
 
 
@@ -247,6 +257,27 @@ def test_random_workloads_match_running_alone(seed: int, max_in_flight: int) -> 
     aborts = {rng.randint(1, 400): rng.randrange(len(requests)) for _ in range(rng.randint(0, 4))}
     out = simulate(cfg, requests, aborts, seed)
     check_against_reference(cfg, requests, out)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decode_bursts_give_the_same_outputs(seed: int) -> None:
+    """Greedy decode bursts (several steps on the device per plan) change nothing a client sees."""
+    rng = random.Random(seed * 7 + 1)
+    cfg = random_config(rng, max_in_flight=1, max_decode_burst=rng.choice([2, 4, 8]))
+    requests = random_workload(rng, cfg, n=rng.randint(3, 20))
+    aborts = {rng.randint(1, 400): rng.randrange(len(requests)) for _ in range(rng.randint(0, 2))}
+    out = simulate(cfg, requests, aborts, seed)
+    check_against_reference(cfg, requests, out)
+
+
+def test_bursts_run_when_nobody_waits_and_stop_at_max_tokens() -> None:
+    cfg = config(max_decode_burst=4, max_num_seqs=8, num_blocks=64)
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    requests = [Request(0, i, (3, 1, 4, 1, 5)[: i + 2], sp) for i in range(3)]
+    out = simulate(cfg, requests, {}, seed=0)
+    check_against_reference(cfg, requests, out)
+    # the prefill step samples 1 token, then bursts of 4, 4 and the last 1 (never past max_tokens)
+    assert [p.decode_steps for p in out.plans] == [1, 4, 4, 1]
 
 
 def test_same_calls_give_the_same_plans() -> None:

@@ -33,9 +33,13 @@ class PipeError:
 
 @dataclass(frozen=True)
 class Hello:
-    """Sent round the ring once at start; its return proves every stage is loaded and linked."""
+    """Sent round the ring once at start; its return proves every stage is loaded and linked.
+
+    Each stage lowers num_blocks to its own KV-cache capacity: the head gets the ring's minimum.
+    """
 
     token: str
+    num_blocks: int
 
 
 PipeMessage = Activations | StepResult | Stop | PipeError | Hello
@@ -52,8 +56,8 @@ def encode(msg: PipeMessage) -> bytes:
             pb = plan_pb2.PipeMessage(stop=reason)
         case PipeError(message):
             pb = plan_pb2.PipeMessage(error=message)
-        case Hello(token):
-            pb = plan_pb2.PipeMessage(hello=token)
+        case Hello(token, num_blocks):
+            pb = plan_pb2.PipeMessage(hello=plan_pb2.Hello(token=token, num_blocks=num_blocks))
         case _:
             raise TypeError(f"not a pipe message: {type(msg).__name__}")
     return pb.SerializeToString()
@@ -73,5 +77,5 @@ def decode(data: bytes) -> PipeMessage:
         case "error":
             return PipeError(pb.error)
         case "hello":
-            return Hello(pb.hello)
+            return Hello(pb.hello.token, pb.hello.num_blocks)
     raise ValueError("empty pipe message")

@@ -34,7 +34,7 @@ def plan_to_pb(plan: StepPlan) -> plan_pb2.StepPlan:
         new_requests=[plan_pb2.NewRequest(
             seq_id=r.seq_id, prompt_ids=r.prompt_ids, sampling=sampling_to_pb(r.sampling))
             for r in plan.new_requests],
-        finished=plan.finished, return_logits=plan.return_logits)
+        finished=plan.finished, return_logits=plan.return_logits, decode_steps=plan.decode_steps)
 
 
 def plan_from_pb(m: plan_pb2.StepPlan) -> StepPlan:
@@ -47,7 +47,7 @@ def plan_from_pb(m: plan_pb2.StepPlan) -> StepPlan:
         new_requests=tuple(NewRequest(
             seq_id=r.seq_id, prompt_ids=tuple(r.prompt_ids), sampling=sampling_from_pb(r.sampling))
             for r in m.new_requests),
-        finished=tuple(m.finished), return_logits=m.return_logits)
+        finished=tuple(m.finished), return_logits=m.return_logits, decode_steps=m.decode_steps or 1)
 
 
 def encode_plan(plan: StepPlan) -> bytes:
@@ -61,8 +61,9 @@ def decode_plan(data: bytes) -> StepPlan:
 
 
 def result_to_pb(r: StepResult) -> plan_pb2.StepResult:
-    return plan_pb2.StepResult(step_id=r.step_id, seq_ids=r.seq_ids, token_ids=r.token_ids)
+    return plan_pb2.StepResult(step_id=r.step_id, seq_ids=r.seq_ids, token_ids=r.token_ids, steps=r.steps)
 
 
 def result_from_pb(m: plan_pb2.StepResult) -> StepResult:
-    return StepResult(step_id=m.step_id, seq_ids=tuple(m.seq_ids), token_ids=tuple(m.token_ids))
+    return StepResult(step_id=m.step_id, seq_ids=tuple(m.seq_ids), token_ids=tuple(m.token_ids),
+                      steps=m.steps or 1)
