@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; this must be set before anything
+# imports triton (transformers and torch may), so it lives here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
+from tests.mesh_fixtures import demo_dir, demo_tokenizer, plain_ckpt, serving_mesh, tokenized_ckpt
 from tests.redis_server import RedisServer, RedisServerMissing
+
+__all__ = ["demo_dir", "demo_tokenizer", "plain_ckpt", "serving_mesh", "tokenized_ckpt"]  # fixtures
 
 
 @pytest.fixture(scope="session")

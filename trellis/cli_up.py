@@ -42,6 +42,7 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
     if args.spec is None:
         return demo_spec(args.port or 50051)
     spec = load(args.spec)
+    spec.check_model()  # one line naming the bad field, before any process starts
     if args.port is not None:
         from dataclasses import replace
 

@@ -30,10 +30,12 @@ class RouterClient:
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int | None = None, temperature: float = 0.0,
                top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-               stop: Sequence[str] = (), ignore_eos: bool = False, request_id: str = "",
+               stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+               request_id: str = "",
                timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[router_pb2.GenerateResponse]:
         """The response stream (cancel it with .cancel())."""
-        sp = sampling_pb2.SamplingParams(temperature=temperature, top_k=top_k, ignore_eos=ignore_eos)
+        sp = sampling_pb2.SamplingParams(temperature=temperature, top_k=top_k, ignore_eos=ignore_eos,
+                                         stop_token_ids=list(stop_token_ids))
         if max_tokens is not None:
             sp.max_tokens = max_tokens
         if top_p is not None:

@@ -55,6 +55,15 @@ class Mesh:
             self._tmp = None
         self.spec_path = str(spec_path)
         self.env = {**os.environ, **(env or {})}
+        # torch's default (a compute thread per core in every process) oversubscribes the cores when
+        # several CPU ranks share a host, and each step crawls (10x and worse): split the cores instead.
+        ranks = sum(st.tp for rep in spec.replicas for st in rep.stages)
+        self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+        # ucxx's default waits for a UCX request by yielding in a loop, so an idle stage leader (always
+        # waiting on its inbound link) spins a core, which CPU ranks need for compute: python futures let
+        # it sleep, for ~0.6 ms more per hop (bench/mesh_cpu.py). GPU hosts keep the faster default.
+        if all(st.device == "cpu" for rep in spec.replicas for st in rep.stages):
+            self.env.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
         py = [sys.executable, "-m"]
         extra = ["--registry", registry] if registry else []
         self.router = Service("router", f"{spec.router.host}:{spec.router.port}",

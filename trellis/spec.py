@@ -115,6 +115,29 @@ class DeploySpec:
                 raise SpecError(f"replicas[{i}].stages: cover layers [0, {expect}) but the model "
                                 f"has {num_layers}")
 
+    def check_model(self) -> None:
+        """Check the spec against its model's config.json (or preset): the model can be read, every
+        replica's stages tile its layers, every stage's TP size splits it. Errors name the field."""
+        from services.stage_worker.model.config import check_parallel, load_model_config
+        from services.stage_worker.model.errors import ModelError
+
+        try:
+            if self.model.preset is not None:
+                from trellis.presets import model_config
+
+                cfg = load_model_config(model_config(self.model.preset))
+            else:
+                cfg = load_model_config(self.model.path)
+        except (ModelError, ValueError) as e:
+            raise SpecError(f"model.{'preset' if self.model.preset else 'path'}: {e}") from None
+        self.check_layers(cfg.num_hidden_layers)
+        for i, rep in enumerate(self.replicas):
+            for j, st in enumerate(rep.stages):
+                try:
+                    check_parallel(cfg, st.tp, st.layers)
+                except ModelError as e:
+                    raise SpecError(f"replicas[{i}].stages[{j}].tp: {e}") from None
+
 
 # ---- parsing -------------------------------------------------------------------------------------
 
@@ -266,6 +289,9 @@ def load(path: str | Path) -> DeploySpec:
         raw = yaml.safe_load(p.read_text())
     except OSError as e:
         raise SpecError(f"{p}: cannot read the spec ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML ({e})") from None
+    except yaml.YAMLError as e:  # its text spans lines; one line says where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}: not valid YAML ({where}{problem})") from None
     return parse(raw)

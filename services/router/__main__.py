@@ -78,6 +78,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         spec = load(args.spec)
+        spec.check_model()  # a spec its replicas cannot run is refused here, not served
     except SpecError as e:
         print(f"router: error: {e}", file=sys.stderr)
         return 2

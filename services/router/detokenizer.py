@@ -2,7 +2,9 @@
 
 Decoding token by token is wrong for byte-level BPE (one character may span tokens), so each
 delta is the difference between decoding a short window of recent tokens with and without the
-new ones; while the tail decodes to U+FFFD (an incomplete character) the text is held back.
+new ones; while the tail decodes to U+FFFD (an incomplete character) the text is held back. Bytes
+still incomplete when the stream ends become U+FFFD, as in a full decode: the deltas always add up to
+the decode of all the tokens (what the offline engine prints).
 Stop strings: text that could still be the start of a stop string is held back too; when one
 appears the text ends right before it.
 """
@@ -43,17 +45,26 @@ class IncrementalDetokenizer:
         return self._release(self._held + new)
 
     def flush(self) -> str:
-        """At the end of the stream: whatever is held back (it can no longer become a stop string)."""
+        """At the end of the stream: whatever is held back (it can no longer become a stop string or a
+        whole character)."""
         if self.stopped:
             return ""
         tail = self._decode(self._ids[self._prefix:])[len(self._decode(self._ids[self._prefix:self._read])):]
-        out, self._held = self._held + tail.replace(_REPLACEMENT, ""), ""
-        return out
+        text, self._held = self._held + tail, ""
+        cut = self._first_stop(text)  # the tail was never checked (it ended inside a character)
+        if cut >= 0:
+            self.stopped = True
+            return text[:cut]
+        return text
+
+    def _first_stop(self, text: str) -> int:
+        """Where the earliest stop string starts in text, or -1."""
+        return min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
 
     def _release(self, text: str) -> str:
         if not self._stop:
             return text
-        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+        cut = self._first_stop(text)
         if cut >= 0:
             self.stopped = True
             self._held = ""

@@ -83,10 +83,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 completion += len(resp.token_ids)
                 text = detok.add(resp.token_ids) if detok else ""
                 finish = FINISH.get(resp.finish_reason, resp.finish_reason)
+                if finish and detok is not None and not detok.stopped:
+                    text += detok.flush()
                 if detok is not None and detok.stopped:
                     finish = "stop"
-                elif finish and detok is not None:
-                    text += detok.flush()
                 out = router_pb2.GenerateResponse(request_id=upstream.request_id, token_ids=resp.token_ids,
                                                   text=text, finish_reason=finish)
                 if first:
@@ -118,7 +118,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
             detail = e.details() or code.name.lower()
         else:
-            code, detail = grpc.StatusCode.UNAVAILABLE, f"replica {replica.name} failed: {e.details()}"
+            detail = e.details() or code.name.lower()
+            if f"replica {replica.name}" not in detail:
+                detail = f"replica {replica.name} failed: {detail}"
+            code = grpc.StatusCode.UNAVAILABLE
         await context.abort(code, detail)
 
     async def Info(self, request: router_pb2.InfoRequest,  # noqa: N802

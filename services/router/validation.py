@@ -43,6 +43,9 @@ def check_request(req: router_pb2.GenerateRequest, limits: Limits) -> None:
         if bad is not None:
             raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
     _check_sampling(req.sampling, limits)
+    if req.stop and not limits.has_tokenizer:  # stop strings match text, which needs the tokenizer
+        raise InvalidRequest("stop strings need the model's tokenizer, which this model lacks; "
+                             "use sampling.stop_token_ids")
     if len(req.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for s in req.stop:

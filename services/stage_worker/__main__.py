@@ -31,6 +31,7 @@ def main() -> int:
         if not 0 <= args.stage < len(spec.replicas[idx].stages):
             raise SpecError(f"--stage {args.stage}: replica {names[idx]} has "
                             f"{len(spec.replicas[idx].stages)} stages")
+        spec.check_model()  # before any process starts: a bad layout is one line, not a crash later
     except ValueError as e:
         msg = str(e) if isinstance(e, SpecError) else f"--replica {args.replica}: no such replica ({', '.join(names)})"
         print(f"stage_worker: error: {msg}", file=sys.stderr)
