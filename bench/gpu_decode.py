@@ -24,11 +24,12 @@ from trellis.planner.model import load_model
 
 
 def steady_tpot(outs) -> float:  # noqa: ANN001
-    """Median gap between consecutive tokens once every request has its first token: the decode
-    step time with the whole batch decoding (prefill chunks of late requests excluded)."""
+    """Mean gap between consecutive tokens once every request has its first token: the time per
+    output token with the whole batch decoding (prefill chunks of late requests excluded; with
+    decode bursts the tokens of a burst arrive together, and the mean spreads the burst's time)."""
     all_started = max(o.token_times[0] for o in outs)
     gaps = [b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:], strict=False) if a >= all_started]
-    return statistics.median(gaps) if gaps else float("nan")
+    return statistics.fmean(gaps) if gaps else float("nan")
 
 
 def graph_step_ms(engine: Engine, batches: list[int], reps: int = 50) -> dict[int, float]:
@@ -67,6 +68,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    from services.stage_worker.rank import dump_stacks_if_hung
+
+    dump_stacks_if_hung()
     info = card()
     say(f"card: {info['name']} x{info['count']}; measuring copy bandwidth")
     bw = copy_bandwidth()
@@ -97,7 +101,9 @@ def main() -> None:
         tpot = steady_tpot(outs)
         mean_ctx = args.prompt_len + args.output_len / 2
         step_bytes = weight_bytes + b * mean_ctx * kv_per_token
-        roof_tpot = step_bytes / bw
+        # Each of the TP GPUs of a stage reads its 1/TP share; PP stages run one after another
+        # for a given token, so the per-token time does not shrink with PP.
+        roof_tpot = step_bytes / (args.tp * bw)
         run = {
             "format": "trellis-bench/1", "name": f"{args.preset}-tp{args.tp}-pp{args.pp}-b{b}" + suffix,
             "config": {"model": args.preset, "dtype": "bf16", "gpu": gpu_preset(info["name"]), "nodes": 1,
@@ -118,9 +124,9 @@ def main() -> None:
         for run, b in zip(runs, batches, strict=True):
             run["measured"]["graph_replay_s"] = replay[b] / 1e3
             say(f"batch {b:4d}: one graph replay {replay[b]:.2f} ms (GPU only) vs step {run['measured']['tpot_s'] * 1e3:.2f} ms")
-    engine.close()
     write_json(args.out, {"format": "trellis-bench/1", "card": info, "copy_bytes_per_s": bw,
                           "weight_bytes": weight_bytes, "runs": runs})
+    engine.close()
 
 
 if __name__ == "__main__":

@@ -40,13 +40,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--decode-burst", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     os.environ.setdefault("TRELLIS_LOG_LEVEL", "WARNING")
     spec = local_spec(preset=args.preset, stages=args.pp, tp=args.tp, device="cuda", dtype="bfloat16",
                       max_queue=1024, max_model_len=args.prompt_len + args.output_len + 16,
-                      engine=EngineSpec(max_num_seqs=max(batches), max_num_batched_tokens=8192))
+                      engine=EngineSpec(max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                       decode_burst=args.decode_burst))
     info = card()
     t0 = time.perf_counter()
     with Mesh(spec) as mesh:
@@ -68,9 +70,11 @@ def main() -> None:
                 t.join()
             end = max(r[1][-1] for r in results)
             ttft = statistics.mean(r[1][0] - r[0] for r in results)
-            tpot = statistics.mean((r[1][-1] - r[1][0]) / (len(r[1]) - 1) for r in results)
+            started = max(r[1][0] for r in results)  # from here on the whole batch decodes
+            gaps = [y - x for r in results for x, y in zip(r[1], r[1][1:], strict=False) if x >= started]
+            tpot = statistics.fmean(gaps)
             runs.append({
-                "format": "trellis-bench/1", "name": f"mesh-{args.preset}-tp{args.tp}-pp{args.pp}-b{b}",
+                "format": "trellis-bench/1", "name": f"mesh-{args.preset}-tp{args.tp}-pp{args.pp}-b{b}-burst{args.decode_burst}",
                 "config": {"model": args.preset, "dtype": "bf16", "gpu": gpu_preset(info["name"]), "nodes": 1,
                            "gpus_per_node": info["count"], "tp": args.tp, "pp": args.pp, "dp": 1, "batch": b,
                            "prompt_len": args.prompt_len, "output_len": args.output_len},

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from services.stage_worker.launch import StageLaunch
-from services.stage_worker.rank import die_with_parent, start_rank, stop_rank
+from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung, start_rank, stop_rank
 from trellis import log
 from trellis.rpc.plan_codec import decode_plan
 
@@ -20,6 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     die_with_parent()
     launch = StageLaunch.from_json(args.launch)
+    dump_stacks_if_hung()
     logger = log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=args.rank)
     ctx = start_rank(launch, args.rank)
     logger.info("peer ready", layers=list(launch.layers))
@@ -28,6 +31,9 @@ def main() -> None:
         ctx.runner.execute(decode_plan(header), hidden)
     logger.info("peer stopping")
     stop_rank()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: an NCCL communicator left to exit must not block it
 
 
 if __name__ == "__main__":

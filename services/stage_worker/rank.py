@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ from services.stage_worker.launch import StageLaunch
 from services.stage_worker.model.config import ModelConfig, load_model_config
 from services.stage_worker.model.parallel import TPGroup
 from services.stage_worker.runner import StageRunner
+from trellis import log
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,5 +77,29 @@ def start_rank(launch: StageLaunch, rank: int) -> RankContext:
 
 
 def stop_rank() -> None:
-    if dist.is_initialized():
+    """Leave the stage's process group.
+
+    NCCL is left to process exit: on H200s both destroy and abort of a communicator that CUDA
+    graphs captured were seen to block for minutes (bench/RESULTS.md). The teardown runs in a
+    daemon thread given a few seconds; gloo groups are destroyed normally.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    torch.cuda.synchronize()
+    teardown = threading.Thread(target=dist.destroy_process_group, name="nccl-teardown", daemon=True)
+    teardown.start()
+    teardown.join(timeout=5.0)
+    if teardown.is_alive():
+        log.get().warning("NCCL teardown did not finish in 5 s; leaving it to process exit")
+
+
+def dump_stacks_if_hung() -> None:
+    """With TRELLIS_HANG_DUMP_S=N, print every thread's stack each N seconds (diagnosing hangs)."""
+    import faulthandler
+    import os
+
+    if seconds := float(os.environ.get("TRELLIS_HANG_DUMP_S", "0")):
+        faulthandler.dump_traceback_later(seconds, repeat=True)

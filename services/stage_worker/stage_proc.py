@@ -13,7 +13,7 @@ import asyncio
 
 from services.stage_worker.executor import StageExecutor
 from services.stage_worker.launch import StageLaunch
-from services.stage_worker.rank import die_with_parent
+from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung
 from services.stage_worker.stage_loop import serve_stage
 from trellis import log
 from trellis.transport.ucx import Listener, connect
@@ -50,6 +50,7 @@ def main() -> None:
     if args.die_with_parent:
         die_with_parent()
     launch = StageLaunch.from_json(args.launch)
+    dump_stacks_if_hung()
     log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=0)
     host, port = args.next.rsplit(":", 1)
     asyncio.run(run_stage(launch, args.listen_port, host, int(port)))

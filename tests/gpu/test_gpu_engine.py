@@ -89,3 +89,14 @@ def test_fp32_decode_bursts_in_graphs_match_transformers(checkpoint) -> None:  #
     kind, path, ps, ref = checkpoint
     outs = run(path, ps, dtype="float32", decode_burst=8)
     assert [o.token_ids for o in outs] == ref
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_one_shot_allreduce_matches_nccl(tmp_path) -> None:  # noqa: ANN001
+    """TP=2 in bf16: the peer-memory all-reduce gives the logits NCCL gives (up to bf16 summation order)."""
+    path = make_checkpoint("llama-gqa", tmp_path / "gqa")
+    ps = prompts(1000)
+    nccl = run(path, ps, dtype="bfloat16", tp=2)
+    one_shot = run(path, ps, dtype="bfloat16", tp=2, one_shot_max_bytes=1 << 20)
+    for a, b in zip(nccl, one_shot, strict=True):
+        assert relative_error(b.first_logits, a.first_logits) < 2e-2

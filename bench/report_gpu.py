@@ -1,0 +1,153 @@
+"""Turn the GPU runs under bench/results/h200/ into: one trellis-bench/1 file per configuration
+(parsing the run logs where a run died before writing its JSON), the calibration file the planner
+reads (bench/calibration.json), plots, and the markdown rows of bench/RESULTS.md.
+
+    python bench/report_gpu.py      (no GPU needed: it reads what the GPU runs left)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from trellis.planner.model import load_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "h200"
+LINE = re.compile(r"batch\s+(\d+): TTFT\s+([\d.]+) ms\s+TPOT\s+([\d.]+) ms\s+decode\s+([\d.]+) tok/s.*"
+                  r"throughput\s+([\d.]+) tok/s")
+COPY = re.compile(r"copy ([\d.]+) TB/s")
+
+
+def from_log(name: str, preset: str, tp: int, pp: int, burst: int, gpus: int) -> dict:
+    """A run whose JSON was never written (its process teardown hung): its printed lines."""
+    text = (RESULTS / f"{name}.log").read_text()
+    bw = float(COPY.search(text).group(1)) * 1e12
+    runs = []
+    for m in LINE.finditer(text):
+        b, ttft, tpot, tok_s, thr = (float(x) for x in m.groups())
+        runs.append(run_record(preset, tp, pp, int(b), burst, gpus, ttft / 1e3, tpot / 1e3, thr))
+    return {"format": "trellis-bench/1", "card": {"name": "NVIDIA H200", "count": gpus},
+            "copy_bytes_per_s": bw, "source": f"{name}.log", "runs": runs}
+
+
+def run_record(preset: str, tp: int, pp: int, b: int, burst: int, gpus: int, ttft: float, tpot: float,
+               throughput: float) -> dict:
+    return {"format": "trellis-bench/1", "name": f"{preset}-tp{tp}-pp{pp}-b{b}-burst{burst}",
+            "config": {"model": preset, "dtype": "bf16", "gpu": "h200", "nodes": 1, "gpus_per_node": gpus,
+                       "tp": tp, "pp": pp, "dp": 1, "batch": b, "prompt_len": 512, "output_len": 128,
+                       "max_batched_tokens": 8192, "decode_burst": burst},
+            "measured": {"decode_tok_s": b / tpot, "ttft_s": ttft, "tpot_s": tpot, "throughput_tok_s": throughput}}
+
+
+def roofline_tpot(preset: str, tp: int, batch: int, bw: float) -> float:
+    """All weights plus the batch's KV at its mean context (512 + 64), read at the copy rate,
+    split over the TP GPUs of a stage; PP stages run one after another for a token."""
+    shape = load_model(preset)
+    return (shape.weight_bytes("bf16") + batch * 576 * shape.kv_bytes_per_token(2)) / (tp * bw)
+
+
+def main() -> None:
+    files = {
+        "decode_8b_tp1_burst1": json.loads((RESULTS / "decode_8b_tp1_burst1_1xh200.json").read_text()),
+        "decode_8b_tp1_burst8": json.loads((RESULTS / "decode_8b_tp1_burst8_1xh200.json").read_text()),
+        "decode_8b_tp1_burst8_x4": json.loads((RESULTS / "decode_8b_tp1_burst8_4xh200.json").read_text()),
+        "decode_8b_tp2_burst8_x4": from_log("tp2_nccl", "llama-3-8b", 2, 1, 8, 4),
+        "decode_70b_tp4_burst8_x4": from_log("70b_tp4", "llama-3-70b", 4, 1, 8, 4),
+        "decode_70b_tp2pp2_x4": from_log("70b_tp2pp2", "llama-3-70b", 2, 2, 1, 4),
+    }
+    for name, data in files.items():
+        if "source" in data:
+            (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    hf = json.loads((RESULTS / "hf_baseline_8b_1xh200.json").read_text())
+    hf_by_batch = {r["batch"]: r for r in hf["runs"]}
+    rows = []
+    for name, data in files.items():
+        bw = data["copy_bytes_per_s"]
+        for r in data["runs"]:
+            c, m = r["config"], r["measured"]
+            roof = roofline_tpot(c["model"], c["tp"], c["batch"], bw)
+            base = hf_by_batch.get(c["batch"]) if c["model"] == "llama-3-8b" and c["tp"] == 1 else None
+            rows.append({"file": name, "model": c["model"], "tp": c["tp"], "pp": c["pp"], "batch": c["batch"],
+                         "burst": c.get("decode_burst", 1), "gpus_on_machine": data["card"]["count"],
+                         "tpot_ms": m["tpot_s"] * 1e3, "decode_tok_s": m["decode_tok_s"], "ttft_ms": m["ttft_s"] * 1e3,
+                         "roofline_tok_s": c["batch"] / roof, "fraction": roof / m["tpot_s"],
+                         "vs_transformers": m["decode_tok_s"] / base["decode_tok_s"] if base else None})
+    (RESULTS / "summary.json").write_text(json.dumps(rows, indent=1))
+    print("| config | machine | batch | TPOT ms | decode tok/s | roofline tok/s | % roofline | x transformers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        cfg = f"{r['model']} TP{r['tp']} PP{r['pp']} burst {r['burst']}"
+        vs = f"{r['vs_transformers']:.1f}x" if r["vs_transformers"] else ""
+        print(f"| {cfg} | {r['gpus_on_machine']}x H200 | {r['batch']} | {r['tpot_ms']:.2f} | {r['decode_tok_s']:.0f} | "
+              f"{r['roofline_tok_s']:.0f} | {100 * r['fraction']:.1f}% | {vs} |")
+    write_calibration(files)
+    plot_decode(files, hf)
+    plot_allreduce()
+
+
+def write_calibration(files: dict) -> None:
+    ar2 = json.loads((RESULTS / "allreduce_2xh200.json").read_text())["rows"]
+    ar4 = json.loads((RESULTS / "allreduce_4xh200.json").read_text())["rows"]
+    ucx = json.loads((RESULTS / "ucx_handoff_4xh200.json").read_text())
+    b1 = files["decode_8b_tp1_burst1"]["runs"][0]["measured"]
+    cal = {
+        "format": "trellis-calibration/1",
+        "source": "bench/report_gpu.py from bench/results/h200 (1x and 4x H200, NVLink, 2026-11-26)",
+        "gpus": {"h200": {"hbm_copy_bytes_per_s": files["decode_8b_tp1_burst1"]["copy_bytes_per_s"]}},
+        "links": {"nvlink": {
+            "gpu": "h200",
+            "allreduce": [{"bytes": r["bytes"], "gpus": r["gpus"], "eager_s": r["nccl_eager_us"] / 1e6,
+                           "graph_s": r["nccl_graph_us"] / 1e6} for r in ar2 + ar4],
+            # Not measured in these runs: the figure measured earlier on 2 x H200 (64 MB at 332 GB/s).
+            "nccl_send": {"bytes": 67108864, "seconds": 67108864 / 332e9, "measured_here": False},
+            "ucx": {"small_bytes": 16384, "small_round_trip_s": ucx["round_trip_us"]["16384"]["p50"] / 1e6,
+                    "large_bytes": 67108864, "large_one_way_s": ucx["one_way_us"]["67108864"] / 1e6},
+        }},
+        # Host time per decode step at batch 1 beyond the GPU's own (step minus graph replay).
+        "step_overhead_s": b1["tpot_s"] - b1["graph_replay_s"],
+    }
+    path = Path(__file__).parent / "calibration.json"
+    path.write_text(json.dumps(cal, indent=1))
+    print(f"wrote {path}")
+
+
+def plot_decode(files: dict, hf: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bw = files["decode_8b_tp1_burst1"]["copy_bytes_per_s"]
+    for key, label in (("decode_8b_tp1_burst1", "Trellis, every step"), ("decode_8b_tp1_burst8", "Trellis, bursts of 8")):
+        runs = files[key]["runs"]
+        ax.plot([r["config"]["batch"] for r in runs], [r["measured"]["decode_tok_s"] for r in runs], "o-", label=label)
+    batches = [r["config"]["batch"] for r in files["decode_8b_tp1_burst1"]["runs"]]
+    ax.plot(batches, [b / roofline_tpot("llama-3-8b", 1, b, bw) for b in batches], "k--", label="roofline")
+    ax.plot([r["batch"] for r in hf["runs"]], [r["decode_tok_s"] for r in hf["runs"]], "s-",
+            label=f"transformers {hf['transformers']} generate")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
+           title="Llama-3-8B shape, bf16, one H200 (prompt 512, output 128)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode_8b_1xh200.png", dpi=120)
+
+
+def plot_allreduce() -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n in (2, 4):
+        rows = json.loads((RESULTS / f"allreduce_{n}xh200.json").read_text())["rows"]
+        x = [r["bytes"] / 1024 for r in rows]
+        for key, style in (("nccl_eager_us", ":"), ("nccl_graph_us", "--"), ("custom_graph_us", "-")):
+            ax.plot(x, [r[key] for r in rows], style, marker="o", label=f"{n} GPUs {key[:-3].replace('_', ' ')}")
+    ax.set(xscale="log", yscale="log", xlabel="KB (bf16)", ylabel="microseconds", title="All-reduce on H200 (NVLink)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "allreduce_h200.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
