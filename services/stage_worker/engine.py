@@ -30,7 +30,10 @@ from services.stage_worker.rank import model_config
 from services.stage_worker.scheduler import Scheduler, SchedulerConfig
 from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
+from trellis.transport import ucx
 from trellis.transport.ucx import Listener, connect
+
+GREEDY = SamplingParams()  # frozen: safe as a shared default
 
 
 class EngineError(Exception):
@@ -97,8 +100,22 @@ class Engine:
             raise EngineError("--device cuda asked for, but no CUDA GPU is visible")
         self.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
         try:
-            probe = StageLaunch(args.model, args.preset, args.load_format, self.dtype, (0, 1), 0, 1,
-                                args.tp, args.device, (), "", 0, args.block_size, 1)
+            probe = StageLaunch(
+                args.model,
+                args.preset,
+                args.load_format,
+                self.dtype,
+                (0, 1),
+                0,
+                1,
+                args.tp,
+                args.device,
+                (),
+                "",
+                0,
+                args.block_size,
+                1,
+            )
             self.cfg: ModelConfig = model_config(probe)
             self.stage_layers = split_layers(self.cfg.num_hidden_layers, args.pp)
             for layers in self.stage_layers:
@@ -113,8 +130,12 @@ class Engine:
         elif args.device == "cuda":
             self.num_blocks = 0  # each stage fits its GPU; the ring agrees on the minimum at start
         else:
-            self.num_blocks = default_num_blocks(self.cfg, block_size=args.block_size,
-                                                 max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs)
+            self.num_blocks = default_num_blocks(
+                self.cfg,
+                block_size=args.block_size,
+                max_model_len=self.max_model_len,
+                max_num_seqs=args.max_num_seqs,
+            )
         self._log = log.get()
         self._procs: list[subprocess.Popen] = []
         self._loop = asyncio.new_event_loop()
@@ -134,13 +155,27 @@ class Engine:
         a = self.args
         gpus = a.gpus or tuple(range(a.tp * a.pp))
         return StageLaunch(
-            model_path=a.model, preset=a.preset, load_format=a.load_format, dtype=self.dtype,
-            layers=self.stage_layers[stage], stage=stage, num_stages=a.pp, tp=a.tp, device=a.device,
-            gpus=tuple(gpus[stage * a.tp:(stage + 1) * a.tp]) if a.device == "cuda" else (),
-            dist_host="127.0.0.1", dist_port=_free_port(), block_size=a.block_size,
-            num_blocks=self.num_blocks, seed=a.seed, cuda_graphs=a.cuda_graphs and a.device == "cuda",
-            max_model_len=self.max_model_len, max_num_seqs=a.max_num_seqs,
-            gpu_memory_utilization=a.gpu_memory_utilization, one_shot_max_bytes=a.one_shot_max_bytes)
+            model_path=a.model,
+            preset=a.preset,
+            load_format=a.load_format,
+            dtype=self.dtype,
+            layers=self.stage_layers[stage],
+            stage=stage,
+            num_stages=a.pp,
+            tp=a.tp,
+            device=a.device,
+            gpus=tuple(gpus[stage * a.tp : (stage + 1) * a.tp]) if a.device == "cuda" else (),
+            dist_host="127.0.0.1",
+            dist_port=_free_port(),
+            block_size=a.block_size,
+            num_blocks=self.num_blocks,
+            seed=a.seed,
+            cuda_graphs=a.cuda_graphs and a.device == "cuda",
+            max_model_len=self.max_model_len,
+            max_num_seqs=a.max_num_seqs,
+            gpu_memory_utilization=a.gpu_memory_utilization,
+            one_shot_max_bytes=a.one_shot_max_bytes,
+        )
 
     async def _start_watched(self) -> None:
         """Start the ring, failing fast if a stage process exits first (the ring would wait for it)."""
@@ -170,10 +205,22 @@ class Engine:
         a = self.args
         for s in range(1, a.pp):
             nxt = ports[(s + 1) % a.pp]
-            self._procs.append(subprocess.Popen([
-                sys.executable, "-m", "services.stage_worker.stage_proc", "--launch",
-                self._launch(s).to_json(), "--listen-port", str(ports[s]),
-                "--next", f"127.0.0.1:{nxt}", "--die-with-parent"]))
+            self._procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "services.stage_worker.stage_proc",
+                        "--launch",
+                        self._launch(s).to_json(),
+                        "--listen-port",
+                        str(ports[s]),
+                        "--next",
+                        f"127.0.0.1:{nxt}",
+                        "--die-with-parent",
+                    ]
+                )
+            )
         self.executor = StageExecutor(self._launch(0))
         await self.executor.start()
         outbound = inbound = None
@@ -181,16 +228,30 @@ class Engine:
             outbound = await connect("127.0.0.1", ports[1], self.executor.ctx.device, timeout=LINK_TIMEOUT_S)
             inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
         self.num_blocks = await ring_handshake(self.executor, outbound, inbound, LINK_TIMEOUT_S)
-        sched = Scheduler(SchedulerConfig(
-            num_blocks=self.num_blocks, block_size=a.block_size, max_num_seqs=a.max_num_seqs,
-            max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=self.max_model_len,
-            eos_token_ids=self.cfg.eos_token_ids, enable_prefix_caching=a.enable_prefix_caching,
-            max_in_flight=a.pp, max_decode_burst=a.decode_burst))
-        self.head = Head(self.executor, sched, num_stages=a.pp, outbound=outbound, inbound=inbound,
-                         return_logits=a.return_logits)
+        sched = Scheduler(
+            SchedulerConfig(
+                num_blocks=self.num_blocks,
+                block_size=a.block_size,
+                max_num_seqs=a.max_num_seqs,
+                max_num_batched_tokens=a.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                eos_token_ids=self.cfg.eos_token_ids,
+                enable_prefix_caching=a.enable_prefix_caching,
+                max_in_flight=a.pp,
+                max_decode_burst=a.decode_burst,
+            )
+        )
+        self.head = Head(
+            self.executor,
+            sched,
+            num_stages=a.pp,
+            outbound=outbound,
+            inbound=inbound,
+            return_logits=a.return_logits,
+        )
         self._runner = asyncio.create_task(self.head.run())
 
-    def _call(self, coro):  # noqa: ANN001, ANN202
+    def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def close(self) -> None:
@@ -212,6 +273,7 @@ class Engine:
                 p.kill()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        ucx.shutdown()
 
     async def _stop(self) -> None:
         await self.head.stop()
@@ -228,16 +290,20 @@ class Engine:
         self.close()
 
     # ---- generation ----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+    ) -> list[Completion]:
         """Run every prompt to completion (continuous batching across them); results in order."""
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != len(prompts):
             raise EngineError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
         return self._call(self._generate(prompts, params))
 
-    async def _generate(self, prompts: Sequence[Sequence[int]],
-                        params: Sequence[SamplingParams]) -> list[Completion]:
+    async def _generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> list[Completion]:
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
             self._check(i, p, sp)
         streams = [self.head.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
@@ -250,11 +316,13 @@ class Engine:
             raise EngineError(f"prompt {i} has {len(prompt)} tokens; the context is {self.max_model_len}")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise EngineError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+            raise EngineError(
+                f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
         if sp.problems():
             raise EngineError(f"prompt {i}: {'; '.join(sp.problems())}")
 
-    async def _collect(self, stream) -> Completion:  # noqa: ANN001
+    async def _collect(self, stream) -> Completion:
         out = Completion(list(stream.prompt_ids), submitted_at=time.perf_counter())
         try:
             async for delta in stream:
