@@ -14,6 +14,7 @@ import sys
 
 from trellis import log
 from trellis.spec import SpecError, load
+from trellis.transport import ucx
 
 
 def main() -> int:
@@ -29,11 +30,16 @@ def main() -> int:
         if not 0 <= idx < len(names):
             raise ValueError
         if not 0 <= args.stage < len(spec.replicas[idx].stages):
-            raise SpecError(f"--stage {args.stage}: replica {names[idx]} has "
-                            f"{len(spec.replicas[idx].stages)} stages")
+            raise SpecError(
+                f"--stage {args.stage}: replica {names[idx]} has {len(spec.replicas[idx].stages)} stages"
+            )
         spec.check_model()  # before any process starts: a bad layout is one line, not a crash later
     except ValueError as e:
-        msg = str(e) if isinstance(e, SpecError) else f"--replica {args.replica}: no such replica ({', '.join(names)})"
+        msg = (
+            str(e)
+            if isinstance(e, SpecError)
+            else f"--replica {args.replica}: no such replica ({', '.join(names)})"
+        )
         print(f"stage_worker: error: {msg}", file=sys.stderr)
         return 2
     log.configure("stage_worker", replica=names[idx], stage=args.stage, rank=0)
@@ -47,15 +53,7 @@ def main() -> int:
     try:
         return asyncio.run(service.run())
     finally:
-        _stop_ucx_notifier()
-
-
-def _stop_ucx_notifier() -> None:
-    """ucxx's notifier thread (UCXPY_ENABLE_PYTHON_FUTURE=1) is no daemon: unless stopped, the process
-    never exits."""
-    ucxx = sys.modules.get("ucxx")
-    if ucxx is not None:
-        ucxx.stop_notifier_thread()
+        ucx.shutdown()  # its notifier thread is no daemon: the process would never exit
 
 
 if __name__ == "__main__":

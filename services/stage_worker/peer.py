@@ -1,6 +1,6 @@
 """A TP peer (rank > 0) of a stage: runs whatever plan its leader broadcasts, until told to stop.
 
-    python -m services.stage_worker.peer --rank R --launch '<StageLaunch JSON>'
+python -m services.stage_worker.peer --rank R --launch '<StageLaunch JSON>'
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import sys
 
 from services.stage_worker.launch import StageLaunch
+from services.stage_worker.model.errors import ModelError
 from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung, start_rank, stop_rank
 from trellis import log
 from trellis.rpc.plan_codec import decode_plan
@@ -24,7 +25,11 @@ def main() -> None:
     launch = StageLaunch.from_json(args.launch)
     dump_stacks_if_hung()
     logger = log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=args.rank)
-    ctx = start_rank(launch, args.rank)
+    try:
+        ctx = start_rank(launch, args.rank)
+    except ModelError as e:  # its leader reports the stage as failed; one line here, no traceback
+        logger.error("rank failed to start", error=str(e))
+        sys.exit(1)
     logger.info("peer ready", layers=list(launch.layers))
     while (msg := ctx.control.recv()) is not None:
         header, hidden = msg

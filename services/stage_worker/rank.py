@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 import threading
@@ -54,24 +55,41 @@ def start_rank(launch: StageLaunch, rank: int) -> RankContext:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        # Every rank of the replica shares this host's cores: oversubscribed threads cost 10x.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (launch.tp * launch.num_stages)))
     dtype = DTYPES[launch.dtype]
     ctrl = data = None
     if launch.tp > 1:
         backend = "nccl" if launch.device == "cuda" else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://{launch.dist_host}:{launch.dist_port}", rank=rank,
-            world_size=launch.tp, timeout=timedelta(minutes=10),
-            device_id=device if launch.device == "cuda" else None)
+            backend,
+            init_method=f"tcp://{launch.dist_host}:{launch.dist_port}",
+            rank=rank,
+            world_size=launch.tp,
+            timeout=timedelta(minutes=10),
+            device_id=device if launch.device == "cuda" else None,
+        )
         data = dist.group.WORLD
         ctrl = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     cfg = model_config(launch)
     tp = TPGroup(rank, launch.tp) if launch.tp > 1 else TPGroup.single()
     runner = StageRunner(
-        cfg, layers=launch.layers, tp=tp, device=device, dtype=dtype, block_size=launch.block_size,
-        num_blocks=launch.num_blocks, model_path=launch.model_path, load_format=launch.load_format,
-        seed=launch.seed, cuda_graphs=launch.cuda_graphs, max_model_len=launch.max_model_len,
-        max_graph_batch=launch.max_num_seqs, gpu_memory_utilization=launch.gpu_memory_utilization,
-        one_shot_max_bytes=launch.one_shot_max_bytes)
+        cfg,
+        layers=launch.layers,
+        tp=tp,
+        device=device,
+        dtype=dtype,
+        block_size=launch.block_size,
+        num_blocks=launch.num_blocks,
+        model_path=launch.model_path,
+        load_format=launch.load_format,
+        seed=launch.seed,
+        cuda_graphs=launch.cuda_graphs,
+        max_model_len=launch.max_model_len,
+        max_graph_batch=launch.max_num_seqs,
+        gpu_memory_utilization=launch.gpu_memory_utilization,
+        one_shot_max_bytes=launch.one_shot_max_bytes,
+    )
     control = ControlChannel(tp=launch.tp, device=device, dtype=dtype, ctrl_group=ctrl, data_group=data)
     return RankContext(launch, rank, cfg, device, dtype, runner, control)
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from services.stage_worker.executor import StageExecutor
 from services.stage_worker.launch import StageLaunch
+from services.stage_worker.model.errors import ModelError
 from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung
 from services.stage_worker.stage_loop import serve_stage
 from trellis import log
+from trellis.transport import ucx
 from trellis.transport.ucx import Listener, connect
 
 LINK_TIMEOUT_S = 1800.0  # a successor may take long to load a large shard
@@ -53,7 +56,13 @@ def main() -> None:
     dump_stacks_if_hung()
     log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=0)
     host, port = args.next.rsplit(":", 1)
-    asyncio.run(run_stage(launch, args.listen_port, host, int(port)))
+    try:
+        asyncio.run(run_stage(launch, args.listen_port, host, int(port)))
+    except ModelError as e:  # the head sees the stage exit and names it; one line here
+        log.get().error("stage failed to start", error=str(e))
+        sys.exit(1)
+    finally:
+        ucx.shutdown()
 
 
 if __name__ == "__main__":

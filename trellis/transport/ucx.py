@@ -24,6 +24,8 @@ def _ucxx() -> Any:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     # Connection attempts to a listener that is not up yet are retried here; UCXX would log each.
     os.environ.setdefault("UCXX_LOG_LEVEL", "FATAL")
+    # ucxx's peer-info exchange gives up after 5 s by default; a loaded host can take longer.
+    os.environ.setdefault("UCXPY_CONNECT_TIMEOUT", "60")
     import ucxx
 
     return ucxx
@@ -54,7 +56,9 @@ class Link:
         async with self._send_lock:
             try:
                 await self._ep.send(prefix)
-                await self._ep.send(np.frombuffer(header, dtype=np.uint8) if header else np.zeros(0, np.uint8))
+                await self._ep.send(
+                    np.frombuffer(header, dtype=np.uint8) if header else np.zeros(0, np.uint8)
+                )
                 if nbytes:
                     if payload.device.type == "cuda":
                         torch.cuda.current_stream(payload.device).synchronize()
@@ -127,3 +131,16 @@ async def connect(host: str, port: int, recv_device: torch.device, *, timeout: f
                 raise LinkClosed(f"cannot reach {host}:{port} over UCX: {e}") from e
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def shutdown() -> None:
+    """Stop ucxx's notifier thread (python-future mode), which would otherwise keep the process
+    alive after its links are closed. A no-op where UCX was never used."""
+    import sys
+
+    ucxx = sys.modules.get("ucxx")
+    if ucxx is not None:
+        try:
+            ucxx.stop_notifier_thread()
+        except Exception as e:  # already stopped, or never started
+            log.get().debug("ucx notifier stop", error=str(e))
