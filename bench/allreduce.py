@@ -18,7 +18,7 @@ import torch.distributed as dist
 SIZES = [8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]
 
 
-def timed(fn, reps: int = 50, inner: int = 1) -> float:  # noqa: ANN001
+def timed(fn, reps: int = 50, inner: int = 1) -> float:
     times = []
     for _ in range(reps):
         dist.barrier()
@@ -32,7 +32,7 @@ def timed(fn, reps: int = 50, inner: int = 1) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def graph_of(fn, n: int = 32) -> torch.cuda.CUDAGraph:  # noqa: ANN001
+def graph_of(fn, n: int = 32) -> torch.cuda.CUDAGraph:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -54,7 +54,9 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     from services.stage_worker.model.custom_allreduce import OneShotAllReduce
 
-    custom = OneShotAllReduce.create(dist.group.WORLD, max_bytes=max(SIZES), device=torch.device("cuda", rank))
+    custom = OneShotAllReduce.create(
+        dist.group.WORLD, max_bytes=max(SIZES), device=torch.device("cuda", rank)
+    )
     rows = []
     for size in SIZES:
         t = torch.ones(size // 2, dtype=torch.bfloat16, device="cuda")
@@ -75,8 +77,10 @@ def main() -> None:
                 row["custom_graph_error"] = str(e)[:200]
         rows.append(row)
         if rank == 0:
-            print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            print(
+                " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                flush=True,
+            )
     if rank == 0 and args.out:
         import sys
 

@@ -18,8 +18,14 @@ def say(msg: str) -> None:
 
 def card() -> dict[str, Any]:
     p = torch.cuda.get_device_properties(0)
-    return {"name": p.name, "count": torch.cuda.device_count(), "memory_gib": round(p.total_memory / 2**30, 1),
-            "sms": p.multi_processor_count, "torch": torch.__version__, "cuda": torch.version.cuda}
+    return {
+        "name": p.name,
+        "count": torch.cuda.device_count(),
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "sms": p.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> float:

@@ -23,12 +23,17 @@ from services.stage_worker.plan import SamplingParams
 from trellis.planner.model import load_model
 
 
-def steady_tpot(outs) -> float:  # noqa: ANN001
+def steady_tpot(outs) -> float:
     """Mean gap between consecutive tokens once every request has its first token: the time per
     output token with the whole batch decoding (prefill chunks of late requests excluded; with
     decode bursts the tokens of a burst arrive together, and the mean spreads the burst's time)."""
     all_started = max(o.token_times[0] for o in outs)
-    gaps = [b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:], strict=False) if a >= all_started]
+    gaps = [
+        b - a
+        for o in outs
+        for a, b in zip(o.token_times, o.token_times[1:], strict=False)
+        if a >= all_started
+    ]
     return statistics.fmean(gaps) if gaps else float("nan")
 
 
@@ -63,8 +68,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--decode-burst", type=int, default=1, help="greedy decode steps per plan (1: every step)")
-    ap.add_argument("--one-shot-max-bytes", type=int, default=0, help="TP all-reduces up to this size over peer memory")
+    ap.add_argument(
+        "--decode-burst", type=int, default=1, help="greedy decode steps per plan (1: every step)"
+    )
+    ap.add_argument(
+        "--one-shot-max-bytes", type=int, default=0, help="TP all-reduces up to this size over peer memory"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -80,17 +89,31 @@ def main() -> None:
     say(f"copy {bw / 1e12:.2f} TB/s; {args.preset}: {weight_bytes / 1e9:.2f} GB of weights")
     t0 = time.perf_counter()
     say(f"starting the engine: TP {args.tp} x PP {args.pp}, dummy weights, CUDA graphs {not args.no_graphs}")
-    engine = Engine(EngineArgs(
-        preset=args.preset, tp=args.tp, pp=args.pp, device="cuda", dtype="bfloat16", max_num_seqs=max(batches),
-        max_model_len=args.prompt_len + args.output_len + 16, max_num_batched_tokens=args.max_batched_tokens,
-        enable_prefix_caching=False, cuda_graphs=not args.no_graphs, one_shot_max_bytes=args.one_shot_max_bytes,
-        decode_burst=args.decode_burst))
+    engine = Engine(
+        EngineArgs(
+            preset=args.preset,
+            tp=args.tp,
+            pp=args.pp,
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=max(batches),
+            max_model_len=args.prompt_len + args.output_len + 16,
+            max_num_batched_tokens=args.max_batched_tokens,
+            enable_prefix_caching=False,
+            cuda_graphs=not args.no_graphs,
+            one_shot_max_bytes=args.one_shot_max_bytes,
+            decode_burst=args.decode_burst,
+        )
+    )
     say(f"engine up in {time.perf_counter() - t0:.1f}s; {engine.num_blocks} KV blocks")
     suffix = ("-oneshot" if args.one_shot_max_bytes else "") + (
-        f"-burst{args.decode_burst}" if args.decode_burst > 1 else "")
+        f"-burst{args.decode_burst}" if args.decode_burst > 1 else ""
+    )
     rng = random.Random(0)
     vocab = engine.cfg.vocab_size
-    engine.generate([[rng.randrange(vocab) for _ in range(16)]], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.generate(
+        [[rng.randrange(vocab) for _ in range(16)]], SamplingParams(max_tokens=8, ignore_eos=True)
+    )
     runs = []
     for b in batches:
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(b)]
@@ -105,27 +128,61 @@ def main() -> None:
         # for a given token, so the per-token time does not shrink with PP.
         roof_tpot = step_bytes / (args.tp * bw)
         run = {
-            "format": "trellis-bench/1", "name": f"{args.preset}-tp{args.tp}-pp{args.pp}-b{b}" + suffix,
-            "config": {"model": args.preset, "dtype": "bf16", "gpu": gpu_preset(info["name"]), "nodes": 1,
-                       "gpus_per_node": info["count"], "tp": args.tp, "pp": args.pp, "dp": 1, "batch": b,
-                       "prompt_len": args.prompt_len, "output_len": args.output_len,
-                       "max_batched_tokens": args.max_batched_tokens, "decode_burst": args.decode_burst},
-            "measured": {"decode_tok_s": b / tpot, "ttft_s": ttft, "tpot_s": tpot,
-                         "throughput_tok_s": b * args.output_len / (end - start)},
-            "roofline": {"tpot_s": roof_tpot, "decode_tok_s": b / roof_tpot, "step_bytes": step_bytes,
-                         "fraction": roof_tpot / tpot},
+            "format": "trellis-bench/1",
+            "name": f"{args.preset}-tp{args.tp}-pp{args.pp}-b{b}" + suffix,
+            "config": {
+                "model": args.preset,
+                "dtype": "bf16",
+                "gpu": gpu_preset(info["name"]),
+                "nodes": 1,
+                "gpus_per_node": info["count"],
+                "tp": args.tp,
+                "pp": args.pp,
+                "dp": 1,
+                "batch": b,
+                "prompt_len": args.prompt_len,
+                "output_len": args.output_len,
+                "max_batched_tokens": args.max_batched_tokens,
+                "decode_burst": args.decode_burst,
+            },
+            "measured": {
+                "decode_tok_s": b / tpot,
+                "ttft_s": ttft,
+                "tpot_s": tpot,
+                "throughput_tok_s": b * args.output_len / (end - start),
+            },
+            "roofline": {
+                "tpot_s": roof_tpot,
+                "decode_tok_s": b / roof_tpot,
+                "step_bytes": step_bytes,
+                "fraction": roof_tpot / tpot,
+            },
         }
         runs.append(run)
-        say(f"batch {b:4d}: TTFT {ttft * 1e3:8.1f} ms  TPOT {tpot * 1e3:7.2f} ms  decode {b / tpot:9.1f} tok/s  "
+        say(
+            f"batch {b:4d}: TTFT {ttft * 1e3:8.1f} ms  TPOT {tpot * 1e3:7.2f} ms  "
+            f"decode {b / tpot:9.1f} tok/s  "
             f"roofline {b / roof_tpot:9.1f} tok/s ({100 * roof_tpot / tpot:5.1f}%)  "
-            f"throughput {run['measured']['throughput_tok_s']:9.1f} tok/s")
+            f"throughput {run['measured']['throughput_tok_s']:9.1f} tok/s"
+        )
     if args.tp == 1 and args.pp == 1 and not args.no_graphs:
         replay = graph_step_ms(engine, batches)
         for run, b in zip(runs, batches, strict=True):
             run["measured"]["graph_replay_s"] = replay[b] / 1e3
-            say(f"batch {b:4d}: one graph replay {replay[b]:.2f} ms (GPU only) vs step {run['measured']['tpot_s'] * 1e3:.2f} ms")
-    write_json(args.out, {"format": "trellis-bench/1", "card": info, "copy_bytes_per_s": bw,
-                          "weight_bytes": weight_bytes, "runs": runs})
+            say(
+                f"batch {b:4d}: one graph replay {replay[b]:.2f} ms (GPU only) "
+                f"vs step {run['measured']['tpot_s'] * 1e3:.2f} ms"
+            )
+    write_json(
+        args.out,
+        {
+            "format": "trellis-bench/1",
+            "card": info,
+            "copy_bytes_per_s": bw,
+            "weight_bytes": weight_bytes,
+            "runs": runs,
+        },
+    )
     engine.close()
 
 

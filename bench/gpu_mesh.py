@@ -45,10 +45,18 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     os.environ.setdefault("TRELLIS_LOG_LEVEL", "WARNING")
-    spec = local_spec(preset=args.preset, stages=args.pp, tp=args.tp, device="cuda", dtype="bfloat16",
-                      max_queue=1024, max_model_len=args.prompt_len + args.output_len + 16,
-                      engine=EngineSpec(max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                                       decode_burst=args.decode_burst))
+    spec = local_spec(
+        preset=args.preset,
+        stages=args.pp,
+        tp=args.tp,
+        device="cuda",
+        dtype="bfloat16",
+        max_queue=1024,
+        max_model_len=args.prompt_len + args.output_len + 16,
+        engine=EngineSpec(
+            max_num_seqs=max(batches), max_num_batched_tokens=8192, decode_burst=args.decode_burst
+        ),
+    )
     info = card()
     t0 = time.perf_counter()
     with Mesh(spec) as mesh:
@@ -60,9 +68,19 @@ def main() -> None:
         runs = []
         for b in batches:
             results: list = [None] * b
-            threads = [threading.Thread(target=one_stream, args=(
-                mesh.router.address, [rng.randrange(32000) for _ in range(args.prompt_len)], args.output_len,
-                results, i)) for i in range(b)]
+            threads = [
+                threading.Thread(
+                    target=one_stream,
+                    args=(
+                        mesh.router.address,
+                        [rng.randrange(32000) for _ in range(args.prompt_len)],
+                        args.output_len,
+                        results,
+                        i,
+                    ),
+                )
+                for i in range(b)
+            ]
             start = time.perf_counter()
             for t in threads:
                 t.start()
@@ -73,15 +91,35 @@ def main() -> None:
             started = max(r[1][0] for r in results)  # from here on the whole batch decodes
             gaps = [y - x for r in results for x, y in zip(r[1], r[1][1:], strict=False) if x >= started]
             tpot = statistics.fmean(gaps)
-            runs.append({
-                "format": "trellis-bench/1", "name": f"mesh-{args.preset}-tp{args.tp}-pp{args.pp}-b{b}-burst{args.decode_burst}",
-                "config": {"model": args.preset, "dtype": "bf16", "gpu": gpu_preset(info["name"]), "nodes": 1,
-                           "gpus_per_node": info["count"], "tp": args.tp, "pp": args.pp, "dp": 1, "batch": b,
-                           "prompt_len": args.prompt_len, "output_len": args.output_len},
-                "measured": {"decode_tok_s": b / tpot, "ttft_s": ttft, "tpot_s": tpot,
-                             "throughput_tok_s": b * args.output_len / (end - start)}})
-            say(f"mesh batch {b:4d}: TTFT {ttft * 1e3:8.1f} ms  TPOT {tpot * 1e3:7.2f} ms  "
-                f"throughput {runs[-1]['measured']['throughput_tok_s']:9.1f} tok/s")
+            runs.append(
+                {
+                    "format": "trellis-bench/1",
+                    "name": f"mesh-{args.preset}-tp{args.tp}-pp{args.pp}-b{b}-burst{args.decode_burst}",
+                    "config": {
+                        "model": args.preset,
+                        "dtype": "bf16",
+                        "gpu": gpu_preset(info["name"]),
+                        "nodes": 1,
+                        "gpus_per_node": info["count"],
+                        "tp": args.tp,
+                        "pp": args.pp,
+                        "dp": 1,
+                        "batch": b,
+                        "prompt_len": args.prompt_len,
+                        "output_len": args.output_len,
+                    },
+                    "measured": {
+                        "decode_tok_s": b / tpot,
+                        "ttft_s": ttft,
+                        "tpot_s": tpot,
+                        "throughput_tok_s": b * args.output_len / (end - start),
+                    },
+                }
+            )
+            say(
+                f"mesh batch {b:4d}: TTFT {ttft * 1e3:8.1f} ms  TPOT {tpot * 1e3:7.2f} ms  "
+                f"throughput {runs[-1]['measured']['throughput_tok_s']:9.1f} tok/s"
+            )
     write_json(args.out, {"format": "trellis-bench/1", "card": info, "runs": runs})
 
 

@@ -18,11 +18,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trellis.presets import model_config
 
 
-def timed_generate(model, ids: torch.Tensor, new: int) -> float:  # noqa: ANN001
+def timed_generate(model, ids: torch.Tensor, new: int) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
-    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                   attention_mask=torch.ones_like(ids), pad_token_id=0)
+    model.generate(
+        ids,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+    )
     torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -49,12 +55,22 @@ def main() -> None:
         many = timed_generate(model, ids, 1 + args.steps)
         step = (many - one) / args.steps
         runs.append({"batch": b, "ttft_s": one, "tpot_s": step, "decode_tok_s": b / step})
-        say(f"transformers batch {b:4d}: prefill+1 {one * 1e3:8.1f} ms  step {step * 1e3:7.2f} ms  "
-            f"{b / step:8.1f} tok/s")
+        say(
+            f"transformers batch {b:4d}: prefill+1 {one * 1e3:8.1f} ms  step {step * 1e3:7.2f} ms  "
+            f"{b / step:8.1f} tok/s"
+        )
     import transformers
 
-    write_json(args.out, {"card": info, "transformers": transformers.__version__, "preset": args.preset,
-                          "prompt_len": args.prompt_len, "runs": runs})
+    write_json(
+        args.out,
+        {
+            "card": info,
+            "transformers": transformers.__version__,
+            "preset": args.preset,
+            "prompt_len": args.prompt_len,
+            "runs": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

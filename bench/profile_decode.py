@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: kernel time by kernel, from the profiler (eager steps).
 
-    python bench/profile_decode.py --preset llama-3-8b --batch 1
+python bench/profile_decode.py --preset llama-3-8b --batch 1
 """
 
 from __future__ import annotations
@@ -34,8 +34,17 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
-    engine = Engine(EngineArgs(preset=args.preset, device="cuda", dtype="bfloat16", max_num_seqs=128,
-                               max_model_len=1024, cuda_graphs=False, enable_prefix_caching=False))
+    engine = Engine(
+        EngineArgs(
+            preset=args.preset,
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=128,
+            max_model_len=1024,
+            cuda_graphs=False,
+            enable_prefix_caching=False,
+        )
+    )
     rng = random.Random(0)
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = [[rng.randrange(32000) for _ in range(512)] for _ in range(b)]
@@ -43,7 +52,9 @@ def main() -> None:
         # Kernel time of (prefill + steps decodes) minus that of the prefill alone.
         prefill = kernel_times(engine, prompts, 1)
         both = kernel_times(engine, prompts, 1 + args.steps)
-        totals = {k: [v[0] - prefill.get(k, [0, 0])[0], v[1] - prefill.get(k, [0, 0])[1]] for k, v in both.items()}
+        totals = {
+            k: [v[0] - prefill.get(k, [0, 0])[0], v[1] - prefill.get(k, [0, 0])[1]] for k, v in both.items()
+        }
         decode_steps = args.steps
         say(f"batch {b}: GPU kernel time per decode step (eager steps; graphs remove the gaps)")
         grand = sum(v[0] for v in totals.values())

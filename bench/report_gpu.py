@@ -14,13 +14,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from trellis.planner.model import load_model  # noqa: E402
+from trellis.planner.model import load_model
 
 RESULTS = Path(__file__).parent / "results" / "h200"
-LINE = re.compile(r"batch\s+(\d+): TTFT\s+([\d.]+) ms\s+TPOT\s+([\d.]+) ms\s+decode\s+([\d.]+) tok/s.*"
-                  r"throughput\s+([\d.]+) tok/s")
+LINE = re.compile(
+    r"batch\s+(\d+): TTFT\s+([\d.]+) ms\s+TPOT\s+([\d.]+) ms\s+decode\s+([\d.]+) tok/s.*"
+    r"throughput\s+([\d.]+) tok/s"
+)
 COPY = re.compile(r"copy ([\d.]+) TB/s")
 
 
@@ -30,19 +32,45 @@ def from_log(name: str, preset: str, tp: int, pp: int, burst: int, gpus: int) ->
     bw = float(COPY.search(text).group(1)) * 1e12
     runs = []
     for m in LINE.finditer(text):
-        b, ttft, tpot, tok_s, thr = (float(x) for x in m.groups())
+        b, ttft, tpot, _, thr = (float(x) for x in m.groups())
         runs.append(run_record(preset, tp, pp, int(b), burst, gpus, ttft / 1e3, tpot / 1e3, thr))
-    return {"format": "trellis-bench/1", "card": {"name": "NVIDIA H200", "count": gpus},
-            "copy_bytes_per_s": bw, "source": f"{name}.log", "runs": runs}
+    return {
+        "format": "trellis-bench/1",
+        "card": {"name": "NVIDIA H200", "count": gpus},
+        "copy_bytes_per_s": bw,
+        "source": f"{name}.log",
+        "runs": runs,
+    }
 
 
-def run_record(preset: str, tp: int, pp: int, b: int, burst: int, gpus: int, ttft: float, tpot: float,
-               throughput: float) -> dict:
-    return {"format": "trellis-bench/1", "name": f"{preset}-tp{tp}-pp{pp}-b{b}-burst{burst}",
-            "config": {"model": preset, "dtype": "bf16", "gpu": "h200", "nodes": 1, "gpus_per_node": gpus,
-                       "tp": tp, "pp": pp, "dp": 1, "batch": b, "prompt_len": 512, "output_len": 128,
-                       "max_batched_tokens": 8192, "decode_burst": burst},
-            "measured": {"decode_tok_s": b / tpot, "ttft_s": ttft, "tpot_s": tpot, "throughput_tok_s": throughput}}
+def run_record(
+    preset: str, tp: int, pp: int, b: int, burst: int, gpus: int, ttft: float, tpot: float, throughput: float
+) -> dict:
+    return {
+        "format": "trellis-bench/1",
+        "name": f"{preset}-tp{tp}-pp{pp}-b{b}-burst{burst}",
+        "config": {
+            "model": preset,
+            "dtype": "bf16",
+            "gpu": "h200",
+            "nodes": 1,
+            "gpus_per_node": gpus,
+            "tp": tp,
+            "pp": pp,
+            "dp": 1,
+            "batch": b,
+            "prompt_len": 512,
+            "output_len": 128,
+            "max_batched_tokens": 8192,
+            "decode_burst": burst,
+        },
+        "measured": {
+            "decode_tok_s": b / tpot,
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "throughput_tok_s": throughput,
+        },
+    }
 
 
 def roofline_tpot(preset: str, tp: int, batch: int, bw: float) -> float:
@@ -73,19 +101,36 @@ def main() -> None:
             c, m = r["config"], r["measured"]
             roof = roofline_tpot(c["model"], c["tp"], c["batch"], bw)
             base = hf_by_batch.get(c["batch"]) if c["model"] == "llama-3-8b" and c["tp"] == 1 else None
-            rows.append({"file": name, "model": c["model"], "tp": c["tp"], "pp": c["pp"], "batch": c["batch"],
-                         "burst": c.get("decode_burst", 1), "gpus_on_machine": data["card"]["count"],
-                         "tpot_ms": m["tpot_s"] * 1e3, "decode_tok_s": m["decode_tok_s"], "ttft_ms": m["ttft_s"] * 1e3,
-                         "roofline_tok_s": c["batch"] / roof, "fraction": roof / m["tpot_s"],
-                         "vs_transformers": m["decode_tok_s"] / base["decode_tok_s"] if base else None})
+            rows.append(
+                {
+                    "file": name,
+                    "model": c["model"],
+                    "tp": c["tp"],
+                    "pp": c["pp"],
+                    "batch": c["batch"],
+                    "burst": c.get("decode_burst", 1),
+                    "gpus_on_machine": data["card"]["count"],
+                    "tpot_ms": m["tpot_s"] * 1e3,
+                    "decode_tok_s": m["decode_tok_s"],
+                    "ttft_ms": m["ttft_s"] * 1e3,
+                    "roofline_tok_s": c["batch"] / roof,
+                    "fraction": roof / m["tpot_s"],
+                    "vs_transformers": m["decode_tok_s"] / base["decode_tok_s"] if base else None,
+                }
+            )
     (RESULTS / "summary.json").write_text(json.dumps(rows, indent=1))
-    print("| config | machine | batch | TPOT ms | decode tok/s | roofline tok/s | % roofline | x transformers |")
+    print(
+        "| config | machine | batch | TPOT ms | decode tok/s | roofline tok/s | % roofline | x transformers |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cfg = f"{r['model']} TP{r['tp']} PP{r['pp']} burst {r['burst']}"
         vs = f"{r['vs_transformers']:.1f}x" if r["vs_transformers"] else ""
-        print(f"| {cfg} | {r['gpus_on_machine']}x H200 | {r['batch']} | {r['tpot_ms']:.2f} | {r['decode_tok_s']:.0f} | "
-              f"{r['roofline_tok_s']:.0f} | {100 * r['fraction']:.1f}% | {vs} |")
+        print(
+            f"| {cfg} | {r['gpus_on_machine']}x H200 | {r['batch']} | {r['tpot_ms']:.2f} | "
+            f"{r['decode_tok_s']:.0f} | "
+            f"{r['roofline_tok_s']:.0f} | {100 * r['fraction']:.1f}% | {vs} |"
+        )
     write_calibration(files)
     plot_decode(files, hf)
     plot_allreduce()
@@ -100,15 +145,28 @@ def write_calibration(files: dict) -> None:
         "format": "trellis-calibration/1",
         "source": "bench/report_gpu.py from bench/results/h200 (1x and 4x H200, NVLink, 2026-11-26)",
         "gpus": {"h200": {"hbm_copy_bytes_per_s": files["decode_8b_tp1_burst1"]["copy_bytes_per_s"]}},
-        "links": {"nvlink": {
-            "gpu": "h200",
-            "allreduce": [{"bytes": r["bytes"], "gpus": r["gpus"], "eager_s": r["nccl_eager_us"] / 1e6,
-                           "graph_s": r["nccl_graph_us"] / 1e6} for r in ar2 + ar4],
-            # Not measured in these runs: the figure measured earlier on 2 x H200 (64 MB at 332 GB/s).
-            "nccl_send": {"bytes": 67108864, "seconds": 67108864 / 332e9, "measured_here": False},
-            "ucx": {"small_bytes": 16384, "small_round_trip_s": ucx["round_trip_us"]["16384"]["p50"] / 1e6,
-                    "large_bytes": 67108864, "large_one_way_s": ucx["one_way_us"]["67108864"] / 1e6},
-        }},
+        "links": {
+            "nvlink": {
+                "gpu": "h200",
+                "allreduce": [
+                    {
+                        "bytes": r["bytes"],
+                        "gpus": r["gpus"],
+                        "eager_s": r["nccl_eager_us"] / 1e6,
+                        "graph_s": r["nccl_graph_us"] / 1e6,
+                    }
+                    for r in ar2 + ar4
+                ],
+                # Not measured in these runs: the figure measured earlier on 2 x H200 (64 MB at 332 GB/s).
+                "nccl_send": {"bytes": 67108864, "seconds": 67108864 / 332e9, "measured_here": False},
+                "ucx": {
+                    "small_bytes": 16384,
+                    "small_round_trip_s": ucx["round_trip_us"]["16384"]["p50"] / 1e6,
+                    "large_bytes": 67108864,
+                    "large_one_way_s": ucx["one_way_us"]["67108864"] / 1e6,
+                },
+            }
+        },
         # Host time per decode step at batch 1 beyond the GPU's own (step minus graph replay).
         "step_overhead_s": b1["tpot_s"] - b1["graph_replay_s"],
     }
@@ -120,15 +178,32 @@ def write_calibration(files: dict) -> None:
 def plot_decode(files: dict, hf: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bw = files["decode_8b_tp1_burst1"]["copy_bytes_per_s"]
-    for key, label in (("decode_8b_tp1_burst1", "Trellis, every step"), ("decode_8b_tp1_burst8", "Trellis, bursts of 8")):
+    for key, label in (
+        ("decode_8b_tp1_burst1", "Trellis, every step"),
+        ("decode_8b_tp1_burst8", "Trellis, bursts of 8"),
+    ):
         runs = files[key]["runs"]
-        ax.plot([r["config"]["batch"] for r in runs], [r["measured"]["decode_tok_s"] for r in runs], "o-", label=label)
+        ax.plot(
+            [r["config"]["batch"] for r in runs],
+            [r["measured"]["decode_tok_s"] for r in runs],
+            "o-",
+            label=label,
+        )
     batches = [r["config"]["batch"] for r in files["decode_8b_tp1_burst1"]["runs"]]
     ax.plot(batches, [b / roofline_tpot("llama-3-8b", 1, b, bw) for b in batches], "k--", label="roofline")
-    ax.plot([r["batch"] for r in hf["runs"]], [r["decode_tok_s"] for r in hf["runs"]], "s-",
-            label=f"transformers {hf['transformers']} generate")
-    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
-           title="Llama-3-8B shape, bf16, one H200 (prompt 512, output 128)")
+    ax.plot(
+        [r["batch"] for r in hf["runs"]],
+        [r["decode_tok_s"] for r in hf["runs"]],
+        "s-",
+        label=f"transformers {hf['transformers']} generate",
+    )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch",
+        ylabel="decode tokens/s",
+        title="Llama-3-8B shape, bf16, one H200 (prompt 512, output 128)",
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -141,8 +216,16 @@ def plot_allreduce() -> None:
         rows = json.loads((RESULTS / f"allreduce_{n}xh200.json").read_text())["rows"]
         x = [r["bytes"] / 1024 for r in rows]
         for key, style in (("nccl_eager_us", ":"), ("nccl_graph_us", "--"), ("custom_graph_us", "-")):
-            ax.plot(x, [r[key] for r in rows], style, marker="o", label=f"{n} GPUs {key[:-3].replace('_', ' ')}")
-    ax.set(xscale="log", yscale="log", xlabel="KB (bf16)", ylabel="microseconds", title="All-reduce on H200 (NVLink)")
+            ax.plot(
+                x, [r[key] for r in rows], style, marker="o", label=f"{n} GPUs {key[:-3].replace('_', ' ')}"
+            )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="KB (bf16)",
+        ylabel="microseconds",
+        title="All-reduce on H200 (NVLink)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

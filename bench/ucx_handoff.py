@@ -58,7 +58,10 @@ async def measure(port: int, device: torch.device, reps: int) -> dict:
             if i >= 10:
                 times.append((time.perf_counter() - s) * 1e6)
         times.sort()
-        out["round_trip_us"][size] = {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
+        out["round_trip_us"][size] = {
+            "p50": statistics.median(times),
+            "p99": times[int(0.99 * (len(times) - 1))],
+        }
     half_rtt = out["round_trip_us"][SMALL[0]]["p50"] / 2
     for size in LARGE:
         t = torch.ones(size, dtype=torch.uint8, device=device)
@@ -90,8 +93,18 @@ def main() -> None:
         asyncio.run(serve(args.serve, dev(args.device, args.dst_gpu)))
         return
     port = free_ports(1)[0]
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--device", args.device,
-                              "--dst-gpu", str(args.dst_gpu)])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            str(port),
+            "--device",
+            args.device,
+            "--dst-gpu",
+            str(args.dst_gpu),
+        ]
+    )
     device = dev(args.device, args.src_gpu)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -14,14 +14,22 @@ def _ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids expects comma-separated integers, got {text!r}"
+        ) from None
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text for prompts (offline engine or --router)")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts (needs tokenizer.json)")
-    p.add_argument("--prompt-ids", type=_ids, action="append", default=[], metavar="1,2,3",
-                   help="a prompt as token ids (repeatable)")
+    p.add_argument(
+        "--prompt-ids",
+        type=_ids,
+        action="append",
+        default=[],
+        metavar="1,2,3",
+        help="a prompt as token ids (repeatable)",
+    )
     p.add_argument("--model", help="a local Hugging Face model directory")
     p.add_argument("--preset", help="a built-in model config with dummy weights (benchmarks)")
     p.add_argument("--router", help="HOST:PORT of a running mesh's router instead of a local engine")
@@ -77,23 +85,47 @@ def _generate_offline(args: argparse.Namespace) -> int:
     except Exception as e:
         return fail(f"cannot read the tokenizer: {e}")
     prompts = [encode(tok, t) for t in args.prompts] + args.prompt_ids
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+    )
     if sampling.problems():
         return fail("; ".join(sampling.problems()))
     try:
-        with Engine(EngineArgs(
-                model=args.model, preset=args.preset, tp=args.tp, pp=args.pp, device=args.device,
-                dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
-                num_blocks=args.num_blocks, block_size=args.block_size)) as engine:
+        with Engine(
+            EngineArgs(
+                model=args.model,
+                preset=args.preset,
+                tp=args.tp,
+                pp=args.pp,
+                device=args.device,
+                dtype=args.dtype,
+                load_format=args.load_format,
+                max_model_len=args.max_model_len,
+                num_blocks=args.num_blocks,
+                block_size=args.block_size,
+            )
+        ) as engine:
             outs = engine.generate(prompts, sampling)
     except EngineError as e:
         return fail(str(e))
     for out in outs:
         text = decode(tok, out.token_ids) if tok is not None else ""
         if args.json:
-            print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
-                              "text": text, "finish_reason": out.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt_token_ids": out.prompt_token_ids,
+                        "token_ids": out.token_ids,
+                        "text": text,
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+            )
         else:
             print(text if tok is not None else " ".join(map(str, out.token_ids)))
     return 0

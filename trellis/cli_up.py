@@ -50,7 +50,7 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
     return spec
 
 
-def _start(spec: DeploySpec, registry: str | None):  # noqa: ANN202
+def _start(spec: DeploySpec, registry: str | None):
     from trellis.mesh import Mesh
 
     os.environ.setdefault("TRELLIS_LOG_LEVEL", "WARNING")
@@ -107,8 +107,12 @@ def run_demo(args: argparse.Namespace) -> int:
         with RouterClient(mesh.router.address) as client:
             info = client.info()
             r = info.replicas[0]
-            say(f"router at {mesh.router.address}; replica {r.name}: "
-                + " -> ".join(f"stage {s.index} layers [{s.layer_start},{s.layer_end}) TP {s.tp}" for s in r.stages))
+            say(
+                f"router at {mesh.router.address}; replica {r.name}: "
+                + " -> ".join(
+                    f"stage {s.index} layers [{s.layer_start},{s.layer_end}) TP {s.tp}" for s in r.stages
+                )
+            )
             say(f"request: {args.prompt!r} (greedy, {args.max_tokens} tokens max), streaming:")
             print(args.prompt, end="", flush=True)
             t0, first, n, finish = time.monotonic(), None, 0, ""
@@ -119,8 +123,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(resp.text, end="", flush=True)
             print()
             t1 = time.monotonic()
-            say(f"{n} tokens, finish: {finish}; first token after {1000 * (first - t0):.0f} ms, "
-                f"{n / max(t1 - t0, 1e-9):.1f} tokens/s")
+            say(
+                f"{n} tokens, finish: {finish}; first token after {1000 * (first - t0):.0f} ms, "
+                f"{n / max(t1 - t0, 1e-9):.1f} tokens/s"
+            )
     finally:
         say("stopping the mesh")
         mesh.stop()

@@ -28,14 +28,25 @@ class RouterClient:
     def info(self, timeout: float = 5.0) -> router_pb2.InfoResponse:
         return self.stub.Info(router_pb2.InfoRequest(), timeout=timeout)
 
-    def stream(self, prompt: str | Sequence[int], *, max_tokens: int | None = None, temperature: float = 0.0,
-               top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-               stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-               request_id: str = "",
-               timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[router_pb2.GenerateResponse]:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        request_id: str = "",
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> Iterator[router_pb2.GenerateResponse]:
         """The response stream (cancel it with .cancel())."""
-        sp = sampling_pb2.SamplingParams(temperature=temperature, top_k=top_k, ignore_eos=ignore_eos,
-                                         stop_token_ids=list(stop_token_ids))
+        sp = sampling_pb2.SamplingParams(
+            temperature=temperature, top_k=top_k, ignore_eos=ignore_eos, stop_token_ids=list(stop_token_ids)
+        )
         if max_tokens is not None:
             sp.max_tokens = max_tokens
         if top_p is not None:

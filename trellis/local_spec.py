@@ -8,10 +8,21 @@ from trellis.net import free_ports
 from trellis.spec import DeploySpec, EngineSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 
 
-def local_spec(model_path: str | None = None, *, preset: str | None = None, replicas: int = 1, stages: int = 1, tp: int = 1, router_port: int = 0,
-               device: str = "cpu", dtype: str = "float32", registry: str = "embedded",
-               engine: EngineSpec | None = None, max_queue: int = 256,
-               max_model_len: int | None = None) -> DeploySpec:
+def local_spec(
+    model_path: str | None = None,
+    *,
+    preset: str | None = None,
+    replicas: int = 1,
+    stages: int = 1,
+    tp: int = 1,
+    router_port: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    registry: str = "embedded",
+    engine: EngineSpec | None = None,
+    max_queue: int = 256,
+    max_model_len: int | None = None,
+) -> DeploySpec:
     """A model directory, or a preset (dummy weights, for benchmarks)."""
     if preset is not None:
         from trellis.presets import model_config
@@ -26,12 +37,26 @@ def local_spec(model_path: str | None = None, *, preset: str | None = None, repl
     reps = []
     for r in range(replicas):
         sts = tuple(
-            StageSpec(layers=layers[s], tp=tp, device=device, host="127.0.0.1", port=next(ports),
-                      ucx_port=next(ports), dist_port=next(ports),
-                      gpus=tuple(next(gpu) for _ in range(tp)) if device == "cuda" else ())
-            for s in range(stages))
+            StageSpec(
+                layers=layers[s],
+                tp=tp,
+                device=device,
+                host="127.0.0.1",
+                port=next(ports),
+                ucx_port=next(ports),
+                dist_port=next(ports),
+                gpus=tuple(next(gpu) for _ in range(tp)) if device == "cuda" else (),
+            )
+            for s in range(stages)
+        )
         reps.append(ReplicaSpec(name=f"r{r}", stages=sts))
-    model = ModelSpec(path=model_path, preset=preset, load_format="dummy" if preset else "auto", dtype=dtype,
-                      max_model_len=max_model_len)
-    return DeploySpec(model=model,
-                      replicas=tuple(reps), router=router, engine=engine or EngineSpec(), registry=registry)
+    model = ModelSpec(
+        path=model_path,
+        preset=preset,
+        load_format="dummy" if preset else "auto",
+        dtype=dtype,
+        max_model_len=max_model_len,
+    )
+    return DeploySpec(
+        model=model, replicas=tuple(reps), router=router, engine=engine or EngineSpec(), registry=registry
+    )

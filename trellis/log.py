@@ -9,8 +9,14 @@ import sys
 import structlog
 
 
-def configure(service: str, *, replica: str | None = None, stage: int | None = None,
-              rank: int | None = None, level: str | None = None) -> structlog.stdlib.BoundLogger:
+def configure(
+    service: str,
+    *,
+    replica: str | None = None,
+    stage: int | None = None,
+    rank: int | None = None,
+    level: str | None = None,
+) -> structlog.stdlib.BoundLogger:
     """Configure this process's logging once and return a logger bound to its identity."""
     level_name = (level or os.environ.get("TRELLIS_LOG_LEVEL", "INFO")).upper()
     logging.basicConfig(stream=sys.stderr, format="%(message)s", level=level_name, force=True)

@@ -43,8 +43,14 @@ class MeshError(RuntimeError):
 
 
 class Mesh:
-    def __init__(self, spec: DeploySpec, *, spec_path: str | Path | None = None,
-                 registry: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        spec: DeploySpec,
+        *,
+        spec_path: str | Path | None = None,
+        registry: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.spec = spec
         if spec_path is None:
             fd, name = tempfile.mkstemp(prefix="trellis-spec-", suffix=".yaml")
@@ -66,15 +72,30 @@ class Mesh:
             self.env.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
         py = [sys.executable, "-m"]
         extra = ["--registry", registry] if registry else []
-        self.router = Service("router", f"{spec.router.host}:{spec.router.port}",
-                              [*py, "services.router", "--spec", self.spec_path, *extra])
+        self.router = Service(
+            "router",
+            f"{spec.router.host}:{spec.router.port}",
+            [*py, "services.router", "--spec", self.spec_path, *extra],
+        )
         self.stages: list[Service] = []
         for rep in spec.replicas:
             for j, st in enumerate(rep.stages):
-                self.stages.append(Service(
-                    f"{rep.name}/stage-{j}", f"{st.host}:{st.port}",
-                    [*py, "services.stage_worker", "--spec", self.spec_path, "--replica", rep.name,
-                     "--stage", str(j)]))
+                self.stages.append(
+                    Service(
+                        f"{rep.name}/stage-{j}",
+                        f"{st.host}:{st.port}",
+                        [
+                            *py,
+                            "services.stage_worker",
+                            "--spec",
+                            self.spec_path,
+                            "--replica",
+                            rep.name,
+                            "--stage",
+                            str(j),
+                        ],
+                    )
+                )
 
     @property
     def services(self) -> list[Service]:
@@ -88,7 +109,7 @@ class Mesh:
             self.start_service(svc)
         self.start_service(self.router)
 
-    def wait_ready(self, timeout: float = 600.0, progress=None) -> None:  # noqa: ANN001
+    def wait_ready(self, timeout: float = 600.0, progress=None) -> None:
         """Block until every service reports SERVING; raise MeshError if one dies or time runs out."""
         end = time.monotonic() + timeout
         pending = {s.name for s in self.services}

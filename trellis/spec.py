@@ -7,6 +7,7 @@ A spec is YAML, validated once on load; any error names the field at fault, e.g.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,15 @@ class DeploySpec:
             expect = 0
             for j, st in enumerate(rep.stages):
                 if st.layers[0] != expect:
-                    raise SpecError(f"replicas[{i}].stages[{j}].layers: starts at {st.layers[0]}, "
-                                    f"expected {expect} (stages must tile the layers in order)")
+                    raise SpecError(
+                        f"replicas[{i}].stages[{j}].layers: starts at {st.layers[0]}, "
+                        f"expected {expect} (stages must tile the layers in order)"
+                    )
                 expect = st.layers[1]
             if expect != num_layers:
-                raise SpecError(f"replicas[{i}].stages: cover layers [0, {expect}) but the model "
-                                f"has {num_layers}")
+                raise SpecError(
+                    f"replicas[{i}].stages: cover layers [0, {expect}) but the model has {num_layers}"
+                )
 
     def check_model(self) -> None:
         """Check the spec against its model's config.json (or preset): the model can be read, every
@@ -141,6 +145,7 @@ class DeploySpec:
 
 # ---- parsing -------------------------------------------------------------------------------------
 
+
 def _fields(where: str, raw: Any, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: expected a mapping, got {type(raw).__name__}")
@@ -153,9 +158,15 @@ def _fields(where: str, raw: Any, allowed: set[str], required: set[str] = frozen
     return raw
 
 
-def _typed(where: str, value: Any, kind: type | tuple[type, ...], *, minimum: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+def _typed(
+    where: str,
+    value: Any,
+    kind: type | tuple[type, ...],
+    *,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise SpecError(f"{where}: expected {name}, got {value!r}")
     if minimum is not None and value < minimum:
@@ -172,8 +183,9 @@ def _port(where: str, value: Any) -> int:
     return value
 
 
-def _dataclass_from(cls: type, where: str, raw: Any, checks: dict[str, Any],
-                    required: set[str] = frozenset()) -> Any:
+def _dataclass_from(
+    cls: type, where: str, raw: Any, checks: dict[str, Any], required: set[str] = frozenset()
+) -> Any:
     raw = _fields(where, raw or {}, set(checks), required)
     return cls(**{k: checks[k](f"{where}.{k}", v) for k, v in raw.items()})
 
@@ -205,12 +217,26 @@ def _gpus(where: str, v: Any) -> tuple[int, ...]:
 
 
 def _stage(where: str, raw: Any) -> StageSpec:
-    st = _dataclass_from(StageSpec, where, raw, {
-        "layers": _layers, "tp": _int(1), "device": _str(DEVICES), "gpus": _gpus, "host": _str(),
-        "port": _port, "ucx_port": _port, "dist_port": _port}, required={"layers"})
+    st = _dataclass_from(
+        StageSpec,
+        where,
+        raw,
+        {
+            "layers": _layers,
+            "tp": _int(1),
+            "device": _str(DEVICES),
+            "gpus": _gpus,
+            "host": _str(),
+            "port": _port,
+            "ucx_port": _port,
+            "dist_port": _port,
+        },
+        required={"layers"},
+    )
     if st.device == "cuda" and len(st.gpus) != st.tp:
-        raise SpecError(f"{where}.gpus: a cuda stage needs one GPU per TP rank ({st.tp}), "
-                        f"got {list(st.gpus)}")
+        raise SpecError(
+            f"{where}.gpus: a cuda stage needs one GPU per TP rank ({st.tp}), got {list(st.gpus)}"
+        )
     if st.device == "cpu" and st.gpus:
         raise SpecError(f"{where}.gpus: a cpu stage takes no GPUs")
     return st
@@ -224,16 +250,28 @@ def _replica(where: str, raw: Any) -> ReplicaSpec:
     return ReplicaSpec(
         name=_typed(f"{where}.name", raw["name"], str),
         stages=tuple(_stage(f"{where}.stages[{j}]", s) for j, s in enumerate(stages)),
-        role=_typed(f"{where}.role", raw.get("role", "both"), str, choices=ROLES))
+        role=_typed(f"{where}.role", raw.get("role", "both"), str, choices=ROLES),
+    )
 
 
 def parse(raw: Any) -> DeploySpec:
     """Validate a spec given as plain data (what YAML parsed)."""
-    top = _fields("spec", raw, {"model", "replicas", "router", "engine", "kv_store", "registry"},
-                  {"model", "replicas"})
-    model = _dataclass_from(ModelSpec, "model", top["model"], {
-        "path": _opt(_str()), "preset": _opt(_str()), "load_format": _str(LOAD_FORMATS),
-        "dtype": _str(DTYPES), "max_model_len": _opt(_int(1)), "tokenizer": _opt(_str())})
+    top = _fields(
+        "spec", raw, {"model", "replicas", "router", "engine", "kv_store", "registry"}, {"model", "replicas"}
+    )
+    model = _dataclass_from(
+        ModelSpec,
+        "model",
+        top["model"],
+        {
+            "path": _opt(lambda w, v: os.path.expanduser(_typed(w, v, str))),
+            "preset": _opt(_str()),
+            "load_format": _str(LOAD_FORMATS),
+            "dtype": _str(DTYPES),
+            "max_model_len": _opt(_int(1)),
+            "tokenizer": _opt(_str()),
+        },
+    )
     if (model.path is None) == (model.preset is None):
         raise SpecError("model.path: give exactly one of model.path or model.preset")
     if model.preset is not None and model.load_format != "dummy":
@@ -246,33 +284,60 @@ def parse(raw: Any) -> DeploySpec:
     for i, n in enumerate(names):
         if n in names[:i]:
             raise SpecError(f"replicas[{i}].name: duplicate replica name {n!r}")
-    router = _dataclass_from(RouterSpec, "router", top.get("router"), {
-        "host": _str(), "port": _port, "max_queue": _int(1)})
-    engine = _dataclass_from(EngineSpec, "engine", top.get("engine"), {
-        "block_size": _int(1), "num_blocks": _opt(_int(1)),
-        "gpu_memory_utilization": lambda w, v: _typed(w, v, (int, float), minimum=0.05),
-        "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
-        "cuda_graphs": lambda w, v: _typed(w, v, bool), "decode_burst": _int(1)})
+    router = _dataclass_from(
+        RouterSpec, "router", top.get("router"), {"host": _str(), "port": _port, "max_queue": _int(1)}
+    )
+    engine = _dataclass_from(
+        EngineSpec,
+        "engine",
+        top.get("engine"),
+        {
+            "block_size": _int(1),
+            "num_blocks": _opt(_int(1)),
+            "gpu_memory_utilization": lambda w, v: _typed(w, v, (int, float), minimum=0.05),
+            "max_num_seqs": _int(1),
+            "max_num_batched_tokens": _int(1),
+            "cuda_graphs": lambda w, v: _typed(w, v, bool),
+            "decode_burst": _int(1),
+        },
+    )
     kv = top.get("kv_store")
-    kv_store = None if kv is None else _dataclass_from(KVStoreSpec, "kv_store", kv, {
-        "host": _str(), "port": _port, "ucx_port": _port, "capacity_bytes": _int(1),
-        "disk_path": _opt(_str()), "disk_capacity_bytes": _int(0)})
+    kv_store = (
+        None
+        if kv is None
+        else _dataclass_from(
+            KVStoreSpec,
+            "kv_store",
+            kv,
+            {
+                "host": _str(),
+                "port": _port,
+                "ucx_port": _port,
+                "capacity_bytes": _int(1),
+                "disk_path": _opt(_str()),
+                "disk_capacity_bytes": _int(0),
+            },
+        )
+    )
     registry = _typed("registry", top.get("registry", "embedded"), str)
     if registry != "embedded" and not registry.startswith("redis://"):
         raise SpecError(f"registry: expected 'embedded' or redis://HOST:PORT/DB, got {registry!r}")
     _check_ports(replicas, router)
-    return DeploySpec(model=model, replicas=replicas, router=router, engine=engine,
-                      kv_store=kv_store, registry=registry)
+    return DeploySpec(
+        model=model, replicas=replicas, router=router, engine=engine, kv_store=kv_store, registry=registry
+    )
 
 
 def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
     seen: dict[tuple[str, int], str] = {}
+
     def claim(host: str, port: int, where: str) -> None:
         if port == 0:
             return
         if (host, port) in seen:
             raise SpecError(f"{where}: port {port} on {host} is already used by {seen[(host, port)]}")
         seen[(host, port)] = where
+
     claim(router.host, router.port, "router.port")
     for i, rep in enumerate(replicas):
         for j, st in enumerate(rep.stages):

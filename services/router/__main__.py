@@ -1,6 +1,6 @@
 """The router service: the public API of a mesh.
 
-    python -m services.router --spec SPEC [--registry redis://HOST:PORT/DB] [--port PORT]
+python -m services.router --spec SPEC [--registry redis://HOST:PORT/DB] [--port PORT]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from trellis.tokenizer import TokenizerMissing, load_tokenizer
 from trellis.v1 import router_pb2_grpc
 
 
-def _model(spec: DeploySpec):  # noqa: ANN202
+def _model(spec: DeploySpec):
     if spec.model.preset is not None:
         from trellis.presets import model_config
 
@@ -42,15 +42,19 @@ def _model(spec: DeploySpec):  # noqa: ANN202
 async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> int:
     logger = log.get()
     cfg, tok, name = _model(spec)
-    limits = Limits(vocab_size=cfg.vocab_size,
-                    max_model_len=spec.model.max_model_len or cfg.max_position_embeddings,
-                    default_max_tokens=16, has_tokenizer=tok is not None)
+    limits = Limits(
+        vocab_size=cfg.vocab_size,
+        max_model_len=spec.model.max_model_len or cfg.max_position_embeddings,
+        default_max_tokens=16,
+        has_tokenizer=tok is not None,
+    )
     registry = open_registry(registry_url, spec)
     replicas = ReplicaSet(registry)
     await replicas.start()
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServicer_to_server(
-        RouterServicer(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue), server)
+        RouterServicer(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue), server
+    )
     health = health_aio.HealthServicer()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -84,8 +88,14 @@ def main() -> int:
         return 2
     log.configure("router")
     try:
-        return asyncio.run(serve(spec, args.registry or spec.registry, args.host or spec.router.host,
-                                 spec.router.port if args.port is None else args.port))
+        return asyncio.run(
+            serve(
+                spec,
+                args.registry or spec.registry,
+                args.host or spec.router.host,
+                spec.router.port if args.port is None else args.port,
+            )
+        )
     except ModelError as e:
         print(f"router: error: {e}", file=sys.stderr)
         return 2

@@ -36,11 +36,11 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.extend(token_ids)
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
         if after.endswith(_REPLACEMENT) or len(after) < len(before):
             return ""  # an incomplete character: wait for the rest of its bytes
-        new = after[len(before):]
+        new = after[len(before) :]
         self._prefix, self._read = self._read, len(self._ids)
         return self._release(self._held + new)
 
@@ -49,7 +49,9 @@ class IncrementalDetokenizer:
         whole character)."""
         if self.stopped:
             return ""
-        tail = self._decode(self._ids[self._prefix:])[len(self._decode(self._ids[self._prefix:self._read])):]
+        tail = self._decode(self._ids[self._prefix :])[
+            len(self._decode(self._ids[self._prefix : self._read])) :
+        ]
         text, self._held = self._held + tail, ""
         cut = self._first_stop(text)  # the tail was never checked (it ended inside a character)
         if cut >= 0:
@@ -70,5 +72,5 @@ class IncrementalDetokenizer:
             self._held = ""
             return text[:cut]
         keep = max((k for s in self._stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]

@@ -110,7 +110,8 @@ class ReplicaSet:
     async def _stage_ok(ch: grpc.aio.Channel) -> bool:
         try:
             resp = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE_S)
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE_S
+            )
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             return False

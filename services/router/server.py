@@ -22,8 +22,15 @@ FINISH = {"stop": "stop", "length": "length", "too_long": "length", "abort": "ab
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, replicas: ReplicaSet, limits: Limits, tokenizer: Tokenizer | None, *,
-                 model_name: str, max_queue: int) -> None:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        limits: Limits,
+        tokenizer: Tokenizer | None,
+        *,
+        model_name: str,
+        max_queue: int,
+    ) -> None:
         self.replicas = replicas
         self.limits = limits
         self.tokenizer = tokenizer
@@ -32,25 +39,32 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.outstanding = 0
         self._ids = itertools.count()
 
-    async def Generate(self, request: router_pb2.GenerateRequest,  # noqa: N802 - gRPC method name
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         logger = log.get(request_id=request_id)
         try:
             check_request(request, self.limits)
-            prompt = (self.tokenizer.encode(request.text).ids if request.WhichOneof("prompt") == "text"
-                      else list(request.token_ids.ids))
+            prompt = (
+                self.tokenizer.encode(request.text).ids
+                if request.WhichOneof("prompt") == "text"
+                else list(request.token_ids.ids)
+            )
             if not prompt:
                 raise InvalidRequest("the prompt text encodes to no tokens")
             sp = request.sampling
-            max_tokens = check_length(len(prompt), sp.max_tokens if sp.HasField("max_tokens") else None,
-                                      self.limits)
+            max_tokens = check_length(
+                len(prompt), sp.max_tokens if sp.HasField("max_tokens") else None, self.limits
+            )
         except InvalidRequest as e:
             logger.info("request rejected", reason=str(e))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.outstanding >= self.max_queue:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the router is at its limit of {self.max_queue} requests in flight; retry later")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router is at its limit of {self.max_queue} requests in flight; retry later",
+            )
         replica = self.replicas.pick()
         if replica is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is serving")
@@ -69,14 +83,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             replica.outstanding -= 1
             replica.calls.pop(key, None)
 
-    async def _stream(self, replica: ReplicaState, key: int, upstream: stage_pb2.SubmitRequest,
-                      request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
-                      prompt_len: int) -> AsyncIterator[router_pb2.GenerateResponse]:
+    async def _stream(
+        self,
+        replica: ReplicaState,
+        key: int,
+        upstream: stage_pb2.SubmitRequest,
+        request: router_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        prompt_len: int,
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
         remaining = context.time_remaining()
-        call = replica.stub.Submit(upstream, timeout=remaining if remaining is not None else DEFAULT_TIMEOUT_S)
+        call = replica.stub.Submit(
+            upstream, timeout=remaining if remaining is not None else DEFAULT_TIMEOUT_S
+        )
         replica.calls[key] = call
-        detok = (IncrementalDetokenizer(self.tokenizer, upstream.prompt_ids, request.stop)
-                 if self.tokenizer is not None else None)
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, upstream.prompt_ids, request.stop)
+            if self.tokenizer is not None
+            else None
+        )
         completion, first = 0, True
         try:
             async for resp in call:
@@ -87,8 +112,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     text += detok.flush()
                 if detok is not None and detok.stopped:
                     finish = "stop"
-                out = router_pb2.GenerateResponse(request_id=upstream.request_id, token_ids=resp.token_ids,
-                                                  text=text, finish_reason=finish)
+                out = router_pb2.GenerateResponse(
+                    request_id=upstream.request_id, token_ids=resp.token_ids, text=text, finish_reason=finish
+                )
                 if first:
                     out.replica, first = replica.name, False
                     out.prompt_token_ids.extend(upstream.prompt_ids)
@@ -106,16 +132,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             # The monitor cancelled the upstream call: this replica went down.
         except grpc.aio.AioRpcError as e:
             await self._upstream_failed(e, replica, context)
-        await context.abort(grpc.StatusCode.UNAVAILABLE,
-                            f"replica {replica.name} went down: {replica.down_reason or 'its stream ended early'}")
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"replica {replica.name} went down: {replica.down_reason or 'its stream ended early'}",
+        )
 
-    async def _upstream_failed(self, e: grpc.aio.AioRpcError, replica: ReplicaState,
-                               context: grpc.aio.ServicerContext) -> None:
+    async def _upstream_failed(
+        self, e: grpc.aio.AioRpcError, replica: ReplicaState, context: grpc.aio.ServicerContext
+    ) -> None:
         code = e.code()
         if code == grpc.StatusCode.CANCELLED and not replica.healthy:
-            code, detail = grpc.StatusCode.UNAVAILABLE, f"replica {replica.name} went down: {replica.down_reason}"
-        elif code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
-                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
+            code, detail = (
+                grpc.StatusCode.UNAVAILABLE,
+                f"replica {replica.name} went down: {replica.down_reason}",
+            )
+        elif code in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.CANCELLED,
+        ):
             detail = e.details() or code.name.lower()
         else:
             detail = e.details() or code.name.lower()
@@ -124,14 +160,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             code = grpc.StatusCode.UNAVAILABLE
         await context.abort(code, detail)
 
-    async def Info(self, request: router_pb2.InfoRequest,  # noqa: N802
-                   context: grpc.aio.ServicerContext) -> router_pb2.InfoResponse:
-        out = router_pb2.InfoResponse(model=self.model_name, vocab_size=self.limits.vocab_size,
-                                      max_model_len=self.limits.max_model_len)
+    async def Info(
+        self, request: router_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.InfoResponse:
+        out = router_pb2.InfoResponse(
+            model=self.model_name, vocab_size=self.limits.vocab_size, max_model_len=self.limits.max_model_len
+        )
         for r in self.replicas.replicas.values():
-            out.replicas.append(router_pb2.ReplicaInfo(
-                name=r.name, role=r.view.role, outstanding=r.outstanding, stages=[
-                    router_pb2.StageInfo(index=m.stage, layer_start=m.layers[0], layer_end=m.layers[1],
-                                         tp=m.tp, address=m.grpc_address, alive=r.healthy)
-                    for m in r.view.stages]))
+            out.replicas.append(
+                router_pb2.ReplicaInfo(
+                    name=r.name,
+                    role=r.view.role,
+                    outstanding=r.outstanding,
+                    stages=[
+                        router_pb2.StageInfo(
+                            index=m.stage,
+                            layer_start=m.layers[0],
+                            layer_end=m.layers[1],
+                            tp=m.tp,
+                            address=m.grpc_address,
+                            alive=r.healthy,
+                        )
+                        for m in r.view.stages
+                    ],
+                )
+            )
         return out

@@ -44,8 +44,9 @@ def check_request(req: router_pb2.GenerateRequest, limits: Limits) -> None:
             raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
     _check_sampling(req.sampling, limits)
     if req.stop and not limits.has_tokenizer:  # stop strings match text, which needs the tokenizer
-        raise InvalidRequest("stop strings need the model's tokenizer, which this model lacks; "
-                             "use sampling.stop_token_ids")
+        raise InvalidRequest(
+            "stop strings need the model's tokenizer, which this model lacks; use sampling.stop_token_ids"
+        )
     if len(req.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for s in req.stop:
@@ -65,12 +66,16 @@ def _check_sampling(sp: router_pb2.SamplingParams, limits: Limits) -> None:
     if sp.HasField("max_tokens") and sp.max_tokens <= 0:
         raise InvalidRequest(f"sampling.max_tokens must be > 0, got {sp.max_tokens}")
     if sp.HasField("max_tokens") and sp.max_tokens >= limits.max_model_len:
-        raise InvalidRequest(f"sampling.max_tokens {sp.max_tokens} is past the context of {limits.max_model_len}")
+        raise InvalidRequest(
+            f"sampling.max_tokens {sp.max_tokens} is past the context of {limits.max_model_len}"
+        )
     if sp.HasField("seed") and sp.seed >= 2**63:
         raise InvalidRequest(f"sampling.seed must be < 2^63, got {sp.seed}")
     bad = next((t for t in sp.stop_token_ids if not 0 <= t < limits.vocab_size), None)
     if bad is not None:
-        raise InvalidRequest(f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {limits.vocab_size})")
+        raise InvalidRequest(
+            f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {limits.vocab_size})"
+        )
 
 
 def check_length(prompt_len: int, max_tokens: int | None, limits: Limits) -> int:
@@ -81,6 +86,8 @@ def check_length(prompt_len: int, max_tokens: int | None, limits: Limits) -> int
     if max_tokens is None:
         return min(limits.default_max_tokens, room)
     if max_tokens > room:
-        raise InvalidRequest(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) is past the "
-                             f"context of {limits.max_model_len}")
+        raise InvalidRequest(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) is past the "
+            f"context of {limits.max_model_len}"
+        )
     return max_tokens

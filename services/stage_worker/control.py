@@ -13,8 +13,15 @@ _STOP = -1
 
 
 class ControlChannel:
-    def __init__(self, *, tp: int, device: torch.device, dtype: torch.dtype,
-                 ctrl_group: dist.ProcessGroup | None, data_group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        *,
+        tp: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        ctrl_group: dist.ProcessGroup | None,
+        data_group: dist.ProcessGroup | None,
+    ) -> None:
         self.tp = tp
         self.device = device
         self.dtype = dtype

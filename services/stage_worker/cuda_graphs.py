@@ -21,9 +21,19 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512
 
 
 class DecodeGraphs:
-    def __init__(self, *, forward: Callable[[AttentionMetadata, torch.Tensor], torch.Tensor], is_first: bool,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device, block_size: int,
-                 scratch_block: int, max_batch: int, max_blocks_per_seq: int) -> None:
+    def __init__(
+        self,
+        *,
+        forward: Callable[[AttentionMetadata, torch.Tensor], torch.Tensor],
+        is_first: bool,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        scratch_block: int,
+        max_batch: int,
+        max_blocks_per_seq: int,
+    ) -> None:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_batch = max_batch
         self.block_size = block_size
@@ -31,8 +41,11 @@ class DecodeGraphs:
         self.is_first = is_first
         self._forward = forward
         n, w = max_batch, max_blocks_per_seq
-        self.inputs = (torch.zeros(n, dtype=torch.int64, device=device) if is_first
-                       else torch.zeros(n, hidden_size, dtype=dtype, device=device))
+        self.inputs = (
+            torch.zeros(n, dtype=torch.int64, device=device)
+            if is_first
+            else torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        )
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slots = torch.zeros(n, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(n, w, dtype=torch.int32, device=device)
@@ -49,9 +62,15 @@ class DecodeGraphs:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
-            positions=self.positions[:bs], slot_mapping=self.slots[:bs], query_start=self.query_start[:bs + 1],
-            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], block_size=self.block_size,
-            start_positions=(0,) * bs, query_lens=(1,) * bs)
+            positions=self.positions[:bs],
+            slot_mapping=self.slots[:bs],
+            query_start=self.query_start[: bs + 1],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            block_size=self.block_size,
+            start_positions=(0,) * bs,
+            query_lens=(1,) * bs,
+        )
 
     def capture(self) -> None:
         """Capture every bucket, largest first, sharing one memory pool."""
@@ -83,8 +102,9 @@ class DecodeGraphs:
             self.block_tables[n:bs] = self.scratch_block
             self.context_lens[n:bs] = 1
 
-    def run(self, inputs: torch.Tensor | Sequence[int], positions: Sequence[int],
-            tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    def run(
+        self, inputs: torch.Tensor | Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """One decode step of n = len(positions) sequences: token ids (first stage; a list, or a
         device tensor when a burst feeds back its own picks) or hidden states [n, hidden]; returns
         the output rows [n, ...]."""
@@ -99,12 +119,12 @@ class DecodeGraphs:
         pos = np.asarray(positions, dtype=np.int64)
         h[:n, 1] = pos
         for i, t in enumerate(tables):
-            h[i, 4:4 + len(t)] = t
+            h[i, 4 : 4 + len(t)] = t
         blocks = h[np.arange(n), 4 + pos // self.block_size]
         h[:n, 2] = blocks * self.block_size + pos % self.block_size
         h[:n, 3] = pos + 1
-        staged = self._staged[:n, :4 + width]
-        staged.copy_(self._host[:n, :4 + width], non_blocking=True)
+        staged = self._staged[:n, : 4 + width]
+        staged.copy_(self._host[:n, : 4 + width], non_blocking=True)
         self._copied.record()
         if ids_on_host:
             self.inputs[:n] = staged[:, 0]

@@ -22,8 +22,20 @@ from trellis.rpc.plan_codec import encode_plan
 
 def spawn_peers(launch: StageLaunch) -> list[subprocess.Popen]:
     """Start ranks 1..tp-1 of this stage, one process each."""
-    return [subprocess.Popen([sys.executable, "-m", "services.stage_worker.peer", "--rank", str(r),
-                              "--launch", launch.to_json()]) for r in range(1, launch.tp)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.stage_worker.peer",
+                "--rank",
+                str(r),
+                "--launch",
+                launch.to_json(),
+            ]
+        )
+        for r in range(1, launch.tp)
+    ]
 
 
 class StageExecutor:
@@ -39,7 +51,7 @@ class StageExecutor:
         self._peers = spawn_peers(self.launch)
         self.ctx = await self._call(start_rank, self.launch, 0)
 
-    async def _call(self, fn, *args):  # noqa: ANN001, ANN202 - thin executor hop
+    async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:

@@ -63,8 +63,9 @@ class RequestStream:
 _END = TokenDelta((), True, None)
 
 
-async def ring_handshake(executor: StageExecutor, outbound: Link | None, inbound: Link | None,
-                         timeout: float) -> int:
+async def ring_handshake(
+    executor: StageExecutor, outbound: Link | None, inbound: Link | None, timeout: float
+) -> int:
     """Send Hello round the ring and wait for it: every stage is loaded and linked.
 
     Returns the number of KV blocks that every stage of the ring can hold.
@@ -81,9 +82,16 @@ async def ring_handshake(executor: StageExecutor, outbound: Link | None, inbound
 
 
 class Head:
-    def __init__(self, executor: StageExecutor, scheduler: Scheduler, *, num_stages: int,
-                 outbound: Link | None = None, inbound: Link | None = None,
-                 return_logits: bool = False) -> None:
+    def __init__(
+        self,
+        executor: StageExecutor,
+        scheduler: Scheduler,
+        *,
+        num_stages: int,
+        outbound: Link | None = None,
+        inbound: Link | None = None,
+        return_logits: bool = False,
+    ) -> None:
         self.executor = executor
         self.scheduler = scheduler
         self.num_stages = num_stages
@@ -169,7 +177,8 @@ class Head:
                 self._complete(out)
             else:
                 await self.outbound.send(
-                    pipe.encode(pipe.Activations(plan, self.executor.launch.dtype, tuple(out.shape))), out)
+                    pipe.encode(pipe.Activations(plan, self.executor.launch.dtype, tuple(out.shape))), out
+                )
         return ran
 
     async def _receive(self) -> None:
@@ -180,8 +189,10 @@ class Head:
                 if isinstance(msg, StepResult):
                     if payload is not None:
                         n = len(msg.seq_ids)
-                        msg = dataclasses.replace(msg, logits=payload_tensor(
-                            payload, "float32", (n, payload.numel() // 4 // max(n, 1))))
+                        msg = dataclasses.replace(
+                            msg,
+                            logits=payload_tensor(payload, "float32", (n, payload.numel() // 4 // max(n, 1))),
+                        )
                     self._events.put_nowait(msg)
                 elif isinstance(msg, pipe.PipeError):
                     self._events.put_nowait(ReplicaFailed(f"a stage failed: {msg.message}"))

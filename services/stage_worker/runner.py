@@ -60,8 +60,10 @@ class StageRunner:
     ):
         check_parallel(cfg, tp.size, layers)
         if block_size <= 0 or num_blocks < 0:
-            raise ModelError(f"block_size must be positive and num_blocks >= 0 (0: fit memory), "
-                             f"got {block_size} and {num_blocks}")
+            raise ModelError(
+                f"block_size must be positive and num_blocks >= 0 (0: fit memory), "
+                f"got {block_size} and {num_blocks}"
+            )
         self.cfg = cfg
         self.tp = tp
         self.device = torch.device(device)
@@ -104,9 +106,16 @@ class StageRunner:
         if cuda_graphs and on_gpu:
             max_len = max_model_len or cfg.max_position_embeddings
             self.graphs = DecodeGraphs(
-                forward=self._graph_forward, is_first=self.is_first, hidden_size=cfg.hidden_size, dtype=dtype,
-                device=self.device, block_size=block_size, scratch_block=num_blocks,
-                max_batch=max_graph_batch, max_blocks_per_seq=-(-max_len // block_size))
+                forward=self._graph_forward,
+                is_first=self.is_first,
+                hidden_size=cfg.hidden_size,
+                dtype=dtype,
+                device=self.device,
+                block_size=block_size,
+                scratch_block=num_blocks,
+                max_batch=max_graph_batch,
+                max_blocks_per_seq=-(-max_len // block_size),
+            )
             self.graphs.capture()
         logger.info(
             "stage runner ready",
@@ -133,8 +142,10 @@ class StageRunner:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.tp.group)
             n = int(t.item())
         if n < 1:
-            raise ModelError(f"no room for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} "
-                             f"GiB after loading the weights (gpu_memory_utilization {utilization})")
+            raise ModelError(
+                f"no room for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} "
+                f"GiB after loading the weights (gpu_memory_utilization {utilization})"
+            )
         return n
 
     @staticmethod
@@ -176,8 +187,12 @@ class StageRunner:
     # ---- the CUDA-graph path: decode-only steps ----------------------------------------------------
     def _graphable(self, plan: StepPlan) -> bool:
         g = self.graphs
-        return (g is not None and bool(plan.seqs) and len(plan.seqs) <= g.max_batch
-                and all(len(s.token_ids) == 1 for s in plan.seqs))
+        return (
+            g is not None
+            and bool(plan.seqs)
+            and len(plan.seqs) <= g.max_batch
+            and all(len(s.token_ids) == 1 for s in plan.seqs)
+        )
 
     def _graph_forward(self, meta: AttentionMetadata, inputs: torch.Tensor) -> torch.Tensor:
         """What a graph captures: the stage's layers (and the LM head on the last stage)."""
@@ -189,8 +204,9 @@ class StageRunner:
 
     def _execute_graph(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
         inputs = [s.token_ids[0] for s in plan.seqs] if self.is_first else hidden
-        out = self.graphs.run(inputs, [s.start_pos for s in plan.seqs],
-                              [self.seqs[s.seq_id].block_table for s in plan.seqs])
+        out = self.graphs.run(
+            inputs, [s.start_pos for s in plan.seqs], [self.seqs[s.seq_id].block_table for s in plan.seqs]
+        )
         if not self.is_last:
             return out.clone()  # the graph's output buffer is overwritten by the next replay
         rows = [i for i, s in enumerate(plan.seqs) if s.sample]  # a 1-token prefill chunk may not sample
@@ -231,14 +247,20 @@ class StageRunner:
             logits=first_logits.cpu() if plan.return_logits else None,
         )
 
-    def _eager_decode(self, plan: StepPlan, tokens: list[int] | torch.Tensor, positions: list[int],
-                      tables: list[list[int]]) -> torch.Tensor:
+    def _eager_decode(
+        self, plan: StepPlan, tokens: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
-        step_plan = StepPlan(plan.step_id, tuple(
-            SeqStep(s.seq_id, p, (t,), len(tab), (), True) for s, p, t, tab in zip(plan.seqs, positions, ids, tables,
-                                                                                 strict=True)))
-        meta = build_attention_metadata(positions, [1] * len(positions), tables, block_size=self.block_size,
-                                        device=self.device)
+        step_plan = StepPlan(
+            plan.step_id,
+            tuple(
+                SeqStep(s.seq_id, p, (t,), len(tab), (), True)
+                for s, p, t, tab in zip(plan.seqs, positions, ids, tables, strict=True)
+            ),
+        )
+        meta = build_attention_metadata(
+            positions, [1] * len(positions), tables, block_size=self.block_size, device=self.device
+        )
         return self.model.compute_logits(self._run_layers(step_plan, None, meta))
 
     def _apply_diffs(self, plan: StepPlan) -> None:
@@ -305,7 +327,9 @@ class StageRunner:
         picked = hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         return self._sampled_result(plan, sampled, self.model.compute_logits(picked))
 
-    def _sampled_result(self, plan: StepPlan, sampled: list[SeqStep], logits: torch.Tensor) -> StepResult | None:
+    def _sampled_result(
+        self, plan: StepPlan, sampled: list[SeqStep], logits: torch.Tensor
+    ) -> StepResult | None:
         self.last_logits = logits  # [rows, vocab], identical on every rank
         if not self.tp.is_leader:
             return None

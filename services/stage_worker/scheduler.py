@@ -343,16 +343,20 @@ class Scheduler:
             return 1
         if any(not s.sampling.greedy or s.sampling.stop_token_ids for s in seqs):
             return 1
-        burst = min([cfg.max_decode_burst]
-                    + [s.sampling.max_tokens - len(s.output_ids) for s in seqs]
-                    + [cfg.max_model_len - s.num_tokens for s in seqs])
+        burst = min(
+            [cfg.max_decode_burst]
+            + [s.sampling.max_tokens - len(s.output_ids) for s in seqs]
+            + [cfg.max_model_len - s.num_tokens for s in seqs]
+        )
         bm = self.block_manager
         # Each sequence already has a slot for its first step; room for all `burst` of them:
         if burst <= 1 or sum(bm.num_new_blocks(s, burst) for s in seqs) > bm.num_free_blocks:
             return 1
         for i, (st, seq) in enumerate(zip(batch.steps, seqs, strict=True)):
             bm.allocate_slots(seq, burst)
-            batch.steps[i] = dataclasses.replace(st, new_blocks=tuple(seq.block_table[st.block_table_start:]))
+            batch.steps[i] = dataclasses.replace(
+                st, new_blocks=tuple(seq.block_table[st.block_table_start :])
+            )
             seq.num_synced_blocks = len(seq.block_table)
         return burst
 
@@ -401,7 +405,9 @@ class Scheduler:
                 f"step {result.step_id}: {len(result.seq_ids)} seq ids and {len(result.token_ids)} tokens "
                 f"in {result.steps} steps, but the plan asked for {burst} steps"
             )
-        sampled = {sid: tuple(result.token_ids[i * burst:(i + 1) * burst]) for i, sid in enumerate(result.seq_ids)}
+        sampled = {
+            sid: tuple(result.token_ids[i * burst : (i + 1) * burst]) for i, sid in enumerate(result.seq_ids)
+        }
         expected = {s.seq_id for s in steps if s.sample}
         if len(sampled) != len(result.seq_ids) or sampled.keys() != expected:
             raise SchedulerError(

@@ -25,12 +25,15 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
     def head(self) -> Head | None:
         return self.service.head
 
-    async def Submit(self, request: stage_pb2.SubmitRequest,  # noqa: N802 - gRPC method name
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[stage_pb2.SubmitResponse]:
+    async def Submit(
+        self, request: stage_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[stage_pb2.SubmitResponse]:
         svc = self.service
         if svc.launch.stage != 0:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"stage {svc.launch.stage} is not a head stage; submit to stage 0")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stage {svc.launch.stage} is not a head stage; submit to stage 0",
+            )
         if self.head is None or not svc.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is still starting")
         if svc.draining:
@@ -51,8 +54,9 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
         try:
             async for delta in stream:
                 finished = delta.finished
-                yield stage_pb2.SubmitResponse(token_ids=delta.token_ids,
-                                               finish_reason=str(delta.finish_reason or ""))
+                yield stage_pb2.SubmitResponse(
+                    token_ids=delta.token_ids, finish_reason=str(delta.finish_reason or "")
+                )
         except ReplicaFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")
         except asyncio.CancelledError:
@@ -62,11 +66,13 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
             if not finished:  # cancelled, deadline passed, or the stream broke: free its blocks
                 self.head.abort(stream.seq_id)
 
-    async def Stats(self, request: stage_pb2.StatsRequest,  # noqa: N802
-                    context: grpc.aio.ServicerContext) -> stage_pb2.StageStats:
+    async def Stats(
+        self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.StageStats:
         return self.service.stats()
 
-    async def Drain(self, request: stage_pb2.DrainRequest,  # noqa: N802
-                    context: grpc.aio.ServicerContext) -> stage_pb2.DrainResponse:
+    async def Drain(
+        self, request: stage_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.DrainResponse:
         drained = await self.service.drain(timeout=max(0.0, (context.time_remaining() or 30.0) - 0.5))
         return stage_pb2.DrainResponse(drained=drained)

@@ -46,20 +46,56 @@ def launch_from_spec(spec: DeploySpec, replica: int, stage: int) -> StageLaunch:
     if st.tp > 1 and st.dist_port == 0:
         raise SpecError(f"{where}.dist_port: a stage with tp > 1 needs a rendezvous port")
     m = spec.model
-    probe = StageLaunch(m.path, m.preset, m.load_format, m.dtype, st.layers, stage, len(rep.stages),
-                        st.tp, st.device, st.gpus, st.host, st.dist_port, spec.engine.block_size, 1)
+    probe = StageLaunch(
+        m.path,
+        m.preset,
+        m.load_format,
+        m.dtype,
+        st.layers,
+        stage,
+        len(rep.stages),
+        st.tp,
+        st.device,
+        st.gpus,
+        st.host,
+        st.dist_port,
+        spec.engine.block_size,
+        1,
+    )
     cfg = model_config(probe)
     spec.check_layers(cfg.num_hidden_layers)
     max_len = m.max_model_len or cfg.max_position_embeddings
-    num_blocks = spec.engine.num_blocks or (0 if st.device == "cuda" else default_num_blocks(
-        cfg, block_size=spec.engine.block_size, max_model_len=max_len, max_num_seqs=spec.engine.max_num_seqs))
+    num_blocks = spec.engine.num_blocks or (
+        0
+        if st.device == "cuda"
+        else default_num_blocks(
+            cfg,
+            block_size=spec.engine.block_size,
+            max_model_len=max_len,
+            max_num_seqs=spec.engine.max_num_seqs,
+        )
+    )
     return StageLaunch(
-        model_path=m.path, preset=m.preset, load_format=m.load_format, dtype=m.dtype, layers=st.layers,
-        stage=stage, num_stages=len(rep.stages), tp=st.tp, device=st.device, gpus=st.gpus,
-        dist_host=st.host, dist_port=st.dist_port, block_size=spec.engine.block_size,
-        num_blocks=num_blocks, replica=rep.name, cuda_graphs=spec.engine.cuda_graphs and st.device == "cuda",
-        max_model_len=max_len, max_num_seqs=spec.engine.max_num_seqs,
-        gpu_memory_utilization=spec.engine.gpu_memory_utilization)
+        model_path=m.path,
+        preset=m.preset,
+        load_format=m.load_format,
+        dtype=m.dtype,
+        layers=st.layers,
+        stage=stage,
+        num_stages=len(rep.stages),
+        tp=st.tp,
+        device=st.device,
+        gpus=st.gpus,
+        dist_host=st.host,
+        dist_port=st.dist_port,
+        block_size=spec.engine.block_size,
+        num_blocks=num_blocks,
+        replica=rep.name,
+        cuda_graphs=spec.engine.cuda_graphs and st.device == "cuda",
+        max_model_len=max_len,
+        max_num_seqs=spec.engine.max_num_seqs,
+        gpu_memory_utilization=spec.engine.gpu_memory_utilization,
+    )
 
 
 class StageService:
@@ -78,7 +114,7 @@ class StageService:
 
     # ---- facts for the servicer --------------------------------------------------------------
     @property
-    def cfg(self):  # noqa: ANN201
+    def cfg(self):
         return self.executor.ctx.cfg
 
     @property
@@ -102,8 +138,9 @@ class StageService:
         return None
 
     def stats(self) -> stage_pb2.StageStats:
-        s = stage_pb2.StageStats(replica=self.launch.replica, stage=self.launch.stage, draining=self.draining,
-                                 ready=self.ready)
+        s = stage_pb2.StageStats(
+            replica=self.launch.replica, stage=self.launch.stage, draining=self.draining, ready=self.ready
+        )
         if self.head is not None:
             s.num_blocks = self.head.scheduler.config.num_blocks
             st = self.head.scheduler.stats()
@@ -143,7 +180,9 @@ class StageService:
         code = 0
         try:
             if launch.num_stages > 1:
-                outbound = await connect(nxt.host, nxt.ucx_port, self.executor.ctx.device, timeout=LINK_TIMEOUT_S)
+                outbound = await connect(
+                    nxt.host, nxt.ucx_port, self.executor.ctx.device, timeout=LINK_TIMEOUT_S
+                )
                 inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
                 self._links = [outbound, inbound]
             else:
@@ -183,12 +222,21 @@ class StageService:
             return "stopped" if "shutdown" in reason else "failed"
         e = self.spec.engine
         num_blocks = await ring_handshake(self.executor, outbound, inbound, LINK_TIMEOUT_S)
-        sched = Scheduler(SchedulerConfig(
-            num_blocks=num_blocks, block_size=launch.block_size, max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.max_model_len,
-            eos_token_ids=self.cfg.eos_token_ids, max_in_flight=launch.num_stages,
-            max_decode_burst=e.decode_burst))
-        self.head = Head(self.executor, sched, num_stages=launch.num_stages, outbound=outbound, inbound=inbound)
+        sched = Scheduler(
+            SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=launch.block_size,
+                max_num_seqs=e.max_num_seqs,
+                max_num_batched_tokens=e.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                eos_token_ids=self.cfg.eos_token_ids,
+                max_in_flight=launch.num_stages,
+                max_decode_burst=e.decode_burst,
+            )
+        )
+        self.head = Head(
+            self.executor, sched, num_stages=launch.num_stages, outbound=outbound, inbound=inbound
+        )
         self.ready = True
         reporter = asyncio.create_task(self._report_load())
         try:
@@ -207,16 +255,25 @@ class StageService:
                 raise RuntimeError("the stage stopped while starting")
             await asyncio.sleep(0.02)
 
-    async def _register(self):  # noqa: ANN202
+    async def _register(self):
         if self.spec.registry == "embedded":
             return None
         registry = open_registry(self.spec.registry, self.spec)
         st, launch = self.stage_spec, self.launch
         self._registry = registry
-        await registry.register(Member(
-            replica=launch.replica, stage=launch.stage, num_stages=launch.num_stages,
-            grpc_address=f"{st.host}:{st.port}", ucx_address=f"{st.host}:{st.ucx_port}",
-            layers=launch.layers, tp=launch.tp, role=self.replica_spec.role), LEASE_TTL_S)
+        await registry.register(
+            Member(
+                replica=launch.replica,
+                stage=launch.stage,
+                num_stages=launch.num_stages,
+                grpc_address=f"{st.host}:{st.port}",
+                ucx_address=f"{st.host}:{st.ucx_port}",
+                layers=launch.layers,
+                tp=launch.tp,
+                role=self.replica_spec.role,
+            ),
+            LEASE_TTL_S,
+        )
         return registry
 
     async def _report_load(self) -> None:
@@ -227,9 +284,15 @@ class StageService:
                 continue
             s = self.stats()
             with contextlib.suppress(Exception):
-                await registry.report_load(ReplicaLoad(
-                    replica=self.launch.replica, outstanding=self.head.num_requests, running=s.running,
-                    waiting=s.waiting, free_blocks=s.free_blocks))
+                await registry.report_load(
+                    ReplicaLoad(
+                        replica=self.launch.replica,
+                        outstanding=self.head.num_requests,
+                        running=s.running,
+                        waiting=s.waiting,
+                        free_blocks=s.free_blocks,
+                    )
+                )
 
     async def _shutdown(self, work: asyncio.Task) -> int:
         """SIGTERM: the head drains and stops the ring; other stages wait for the ring's Stop."""

@@ -44,8 +44,9 @@ async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) ->
                 if is_last:
                     await send_result(outbound, out)
                 else:
-                    await outbound.send(pipe.encode(pipe.Activations(plan, executor.launch.dtype,
-                                                                     tuple(out.shape))), out)
+                    await outbound.send(
+                        pipe.encode(pipe.Activations(plan, executor.launch.dtype, tuple(out.shape))), out
+                    )
             case pipe.Hello(token, num_blocks):
                 mine = executor.ctx.runner.num_blocks
                 await outbound.send(pipe.encode(pipe.Hello(token, min(num_blocks, mine))))

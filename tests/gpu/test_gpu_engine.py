@@ -12,8 +12,7 @@ from services.stage_worker.engine import Engine, EngineArgs
 from services.stage_worker.plan import SamplingParams
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 KINDS = ["llama-gqa", "qwen2", "llama-tied", "mistral"]
 NEW_TOKENS = 24
@@ -25,7 +24,7 @@ def prompts(vocab: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def checkpoint(request, tmp_path_factory):  # noqa: ANN001, ANN201
+def checkpoint(request, tmp_path_factory):
     path = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
     vocab = 1000 if request.param != "qwen2" else 1002
     ps = prompts(vocab)
@@ -36,22 +35,22 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def run(path, ps, **kw):  # noqa: ANN001, ANN003, ANN201
+def run(path, ps, **kw):
     args = EngineArgs(model=str(path), device="cuda", num_blocks=512, return_logits=True, **kw)
     with Engine(args) as engine:
         return engine.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
-def test_fp32_tokens_and_logits_match_transformers(checkpoint, graphs) -> None:  # noqa: ANN001
-    kind, path, ps, ref = checkpoint
+def test_fp32_tokens_and_logits_match_transformers(checkpoint, graphs) -> None:
+    _, path, ps, ref = checkpoint
     outs = run(path, ps, dtype="float32", cuda_graphs=graphs)
     assert [o.token_ids for o in outs] == ref
     for p, o in zip(ps, outs, strict=True):
         assert relative_error(o.first_logits, reference_logits(path, p)) < 1e-4
 
 
-def hf_bf16_logits(path, prompt: list[int]) -> torch.Tensor:  # noqa: ANN001
+def hf_bf16_logits(path, prompt: list[int]) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda().eval()
@@ -59,7 +58,7 @@ def hf_bf16_logits(path, prompt: list[int]) -> torch.Tensor:  # noqa: ANN001
         return model(torch.tensor([prompt], device="cuda")).logits[0, -1].float().cpu()
 
 
-def test_bf16_logits_within_tolerance(checkpoint) -> None:  # noqa: ANN001
+def test_bf16_logits_within_tolerance(checkpoint) -> None:
     """bf16 rounds every weight and activation. The documented tolerance on first-step logits, as
     max|diff| / max|fp32 logit|: no worse than transformers itself in bf16 on the same GPU (x1.5,
     floor 2%); and the fp32 argmax stays in the bf16 top-5."""
@@ -77,7 +76,7 @@ def test_bf16_logits_within_tolerance(checkpoint) -> None:  # noqa: ANN001
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_fp32_split_matches_transformers(checkpoint, tp, pp) -> None:  # noqa: ANN001
+def test_fp32_split_matches_transformers(checkpoint, tp, pp) -> None:
     kind, path, ps, ref = checkpoint
     if kind == "qwen2" and pp > 1:
         pytest.skip("covered by llama kinds")
@@ -85,14 +84,14 @@ def test_fp32_split_matches_transformers(checkpoint, tp, pp) -> None:  # noqa: A
     assert [o.token_ids for o in outs] == ref
 
 
-def test_fp32_decode_bursts_in_graphs_match_transformers(checkpoint) -> None:  # noqa: ANN001
-    kind, path, ps, ref = checkpoint
+def test_fp32_decode_bursts_in_graphs_match_transformers(checkpoint) -> None:
+    _, path, ps, ref = checkpoint
     outs = run(path, ps, dtype="float32", decode_burst=8)
     assert [o.token_ids for o in outs] == ref
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_one_shot_allreduce_matches_nccl(tmp_path) -> None:  # noqa: ANN001
+def test_one_shot_allreduce_matches_nccl(tmp_path) -> None:
     """TP=2 in bf16: the peer-memory all-reduce gives the logits NCCL gives (up to bf16 summation order)."""
     path = make_checkpoint("llama-gqa", tmp_path / "gqa")
     ps = prompts(1000)

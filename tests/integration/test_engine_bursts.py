@@ -13,13 +13,13 @@ PROMPTS = [[5, 9, 2, 7], [1] * 30, [3, 1, 4, 1, 5, 9, 2, 6], [11]]
 
 
 @pytest.fixture(scope="module")
-def gqa(tmp_path_factory):  # noqa: ANN001, ANN201
+def gqa(tmp_path_factory):
     path = make_checkpoint("llama-gqa", tmp_path_factory.mktemp("gqa"))
     return path, reference_generate(path, PROMPTS, 13)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_bursts_match_transformers(gqa, tp: int) -> None:  # noqa: ANN001
+def test_bursts_match_transformers(gqa, tp: int) -> None:
     path, want = gqa
     with Engine(EngineArgs(model=str(path), tp=tp, num_blocks=64, decode_burst=4)) as engine:
         outs = engine.generate(PROMPTS, SamplingParams(max_tokens=13, ignore_eos=True))

@@ -12,20 +12,28 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from services.stage_worker.model.config import load_model_config  # noqa: E402
-from services.stage_worker.model.gpu_backend import GpuAttentionBackend  # noqa: E402
-from services.stage_worker.model.parallel import TPGroup  # noqa: E402
-from services.stage_worker.runner import StageRunner  # noqa: E402
-from tests.checkpoints import make_checkpoint  # noqa: E402
-from tests.stage_driver import drive  # noqa: E402
+from services.stage_worker.model.config import load_model_config
+from services.stage_worker.model.gpu_backend import GpuAttentionBackend
+from services.stage_worker.model.parallel import TPGroup
+from services.stage_worker.runner import StageRunner
+from tests.checkpoints import make_checkpoint
+from tests.stage_driver import drive
 
 PROMPTS = [[5, 9, 2], [7] * 21, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7], [11]]
 
 
-def runner(path, fused: bool) -> StageRunner:  # noqa: ANN001
+def runner(path, fused: bool) -> StageRunner:
     cfg = load_model_config(path)
-    r = StageRunner(cfg, layers=(0, cfg.num_hidden_layers), tp=TPGroup.single(), device=torch.device("cpu"),
-                    dtype=torch.float32, block_size=8, num_blocks=40, model_path=str(path))
+    r = StageRunner(
+        cfg,
+        layers=(0, cfg.num_hidden_layers),
+        tp=TPGroup.single(),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        block_size=8,
+        num_blocks=40,
+        model_path=str(path),
+    )
     if fused:
         r.model.use_fused_kernels()
         r.backend = GpuAttentionBackend()
@@ -33,7 +41,7 @@ def runner(path, fused: bool) -> StageRunner:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "mistral"])
-def test_fused_path_matches_reference(kind: str, tmp_path) -> None:  # noqa: ANN001
+def test_fused_path_matches_reference(kind: str, tmp_path) -> None:
     path = make_checkpoint(kind, tmp_path / kind)
     # Late arrivals and chunks of 8 make steps that mix decode rows with prefill chunks.
     kw = dict(chunk_size=8, arrivals=[0, 0, 2, 3])

@@ -32,20 +32,35 @@ def demo_model(path: Path | None = None, *, train_steps: int = 160) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        [text],
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     ids = torch.tensor(tok.encode(text).ids)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=384,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     ctx, batch = 48, 8
     logger.info("training the demo model", steps=train_steps, tokens=len(ids))
     for step in range(train_steps):
         starts = torch.randint(0, len(ids) - ctx - 1, (batch,))
-        x = torch.stack([ids[s:s + ctx] for s in starts])
+        x = torch.stack([ids[s : s + ctx] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()

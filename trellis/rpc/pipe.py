@@ -48,8 +48,9 @@ PipeMessage = Activations | StepResult | Stop | PipeError | Hello
 def encode(msg: PipeMessage) -> bytes:
     match msg:
         case Activations(plan, dtype, shape):
-            pb = plan_pb2.PipeMessage(activations=plan_pb2.Activations(
-                plan=plan_to_pb(plan), dtype=dtype, shape=shape))
+            pb = plan_pb2.PipeMessage(
+                activations=plan_pb2.Activations(plan=plan_to_pb(plan), dtype=dtype, shape=shape)
+            )
         case StepResult():
             pb = plan_pb2.PipeMessage(result=result_to_pb(msg))
         case Stop(reason):
