@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from services.stage_worker.launch import StageLaunch
@@ -22,6 +23,8 @@ def main() -> None:
     ap.add_argument("--launch", required=True)
     args = ap.parse_args()
     die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group; a peer stops when its leader says so.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     launch = StageLaunch.from_json(args.launch)
     dump_stacks_if_hung()
     logger = log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=args.rank)

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from services.stage_worker.model.attention_metadata import AttentionMetadata
+from services.stage_worker.model.attention_metadata import AttentionMetadata, attend_paged, key_slots
 
 
 class AttentionBackend(Protocol):
@@ -39,19 +38,13 @@ class TorchReferenceBackend:
     def __init__(self) -> None:
         self._meta: AttentionMetadata | None = None
         self._key_slots: list[torch.Tensor] = []  # per sequence: [context] cache slots of its keys
-        self._distance: list[torch.Tensor] = []  # per sequence: [queries, context] query pos - key pos
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._meta = meta
-        self._key_slots, self._distance = [], []
-        device = meta.block_tables.device
-        offsets = torch.arange(meta.block_size, device=device)
-        for i, (start, n) in enumerate(zip(meta.start_positions, meta.query_lens, strict=True)):
-            context = start + n
-            blocks = meta.block_tables[i, : -(-context // meta.block_size)].long()
-            self._key_slots.append((blocks[:, None] * meta.block_size + offsets).flatten()[:context])
-            query_pos = torch.arange(start, context, device=device)
-            self._distance.append(query_pos[:, None] - torch.arange(context, device=device)[None, :])
+        self._key_slots = [
+            key_slots(meta, i, start + n)
+            for i, (start, n) in enumerate(zip(meta.start_positions, meta.query_lens, strict=True))
+        ]
 
     def forward(
         self,
@@ -70,16 +63,9 @@ class TorchReferenceBackend:
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         row = 0
-        for slots, distance, n in zip(self._key_slots, self._distance, meta.query_lens, strict=True):
-            allowed = distance >= 0  # causal: a query sees keys at its position and before
-            if sliding_window is not None:
-                allowed &= distance < sliding_window
-            q_i = q[row : row + n].transpose(0, 1)  # [q_heads, n, head_dim]
-            k_i = k_cache[slots].transpose(0, 1)  # [kv_heads, context, head_dim]
-            v_i = v_cache[slots].transpose(0, 1)
-            o_i = F.scaled_dot_product_attention(
-                q_i, k_i, v_i, attn_mask=allowed, scale=scale, enable_gqa=True
+        for slots, start, n in zip(self._key_slots, meta.start_positions, meta.query_lens, strict=True):
+            out[row : row + n] = attend_paged(
+                q[row : row + n], k_cache, v_cache, slots, start, scale=scale, sliding_window=sliding_window
             )
-            out[row : row + n] = o_i.transpose(0, 1)
             row += n
         return out

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,39 @@ def build_attention_metadata(
         start_positions=tuple(start_positions),
         query_lens=tuple(query_lens),
     )
+
+
+def key_slots(meta: AttentionMetadata, seq: int, context: int) -> torch.Tensor:
+    """[context] cache slots of sequence ``seq``'s first ``context`` keys, through its block table."""
+    bs = meta.block_size
+    blocks = meta.block_tables[seq, : -(-context // bs)].long()
+    return (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).flatten()[:context]
+
+
+def attend_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    start: int,
+    *,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One sequence's queries q [n, q_heads, head_dim] at positions start.. over its keys at
+    ``slots`` of the flat caches [slots, kv_heads, head_dim]: causal (and windowed) SDPA."""
+    n, context = q.shape[0], slots.shape[0]
+    positions = torch.arange(start, start + n, device=q.device)
+    distance = positions[:, None] - torch.arange(context, device=q.device)  # [n, context]
+    allowed = distance >= 0  # a query sees keys at its position and before
+    if sliding_window is not None:
+        allowed &= distance < sliding_window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),  # [q_heads, n, head_dim]
+        k_cache[slots].transpose(0, 1),  # [kv_heads, context, head_dim]
+        v_cache[slots].transpose(0, 1),
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from services.stage_worker.model import triton_ops
-from services.stage_worker.model.attention_metadata import AttentionMetadata
+from services.stage_worker.model.attention_metadata import AttentionMetadata, attend_paged, key_slots
 from services.stage_worker.model.paged_decode import paged_decode_attention
 
 
@@ -77,52 +77,19 @@ class GpuAttentionBackend:
                 scale=scale,
                 sliding_window=sliding_window,
             )
+        flat_k, flat_v = (c.view(-1, *c.shape[2:]) for c in kv_cache)  # [slots, kv_heads, head_dim]
         for i, row, n, start in self._prefill:
-            out[row : row + n] = self._prefill_one(
-                q[row : row + n],
-                k[row : row + n],
-                v[row : row + n],
-                k_cache,
-                v_cache,
-                meta,
-                i,
-                start,
-                scale,
-                sliding_window,
-            )
+            if start == 0 and sliding_window is None:  # no earlier context: flash on the chunk itself
+                o = F.scaled_dot_product_attention(
+                    *(t[row : row + n].transpose(0, 1) for t in (q, k, v)),
+                    is_causal=True,
+                    scale=scale,
+                    enable_gqa=True,
+                )
+                out[row : row + n] = o.transpose(0, 1)
+            else:
+                slots = key_slots(meta, i, start + n)
+                out[row : row + n] = attend_paged(
+                    q[row : row + n], flat_k, flat_v, slots, start, scale=scale, sliding_window=sliding_window
+                )
         return out
-
-    @staticmethod
-    def _prefill_one(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        seq: int,
-        start: int,
-        scale: float,
-        sliding_window: int | None,
-    ) -> torch.Tensor:
-        n = q.shape[0]
-        qh = q.transpose(0, 1)  # [heads, n, head_dim]
-        if start == 0 and sliding_window is None:
-            o = F.scaled_dot_product_attention(
-                qh, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
-            )
-            return o.transpose(0, 1)
-        context = start + n
-        bs = meta.block_size
-        blocks = meta.block_tables[seq, : -(-context // bs)].long()
-        slots = (blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[:context]
-        keys = k_cache.view(-1, *k_cache.shape[2:])[slots].transpose(0, 1)  # [kv_heads, context, head_dim]
-        values = v_cache.view(-1, *v_cache.shape[2:])[slots].transpose(0, 1)
-        distance = torch.arange(start, context, device=q.device)[:, None] - torch.arange(
-            context, device=q.device
-        )
-        allowed = distance >= 0
-        if sliding_window is not None:
-            allowed &= distance < sliding_window
-        o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True)
-        return o.transpose(0, 1)

@@ -67,7 +67,7 @@ def build_stage_model(
         if model_path is None:
             raise ModelError(f"load_format {load_format!r} needs a model path")
         load_weights(model, model_path)
-    return model.eval()
+    return model.train(False)  # inference mode for every submodule
 
 
 def checkpoint_sources(param_name: str, tied: bool) -> list[tuple[str, object]]:
