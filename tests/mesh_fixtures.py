@@ -99,11 +99,13 @@ def plain_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def running_mesh(spec: DeploySpec, *, start: bool = True) -> Iterator[Mesh]:
+def running_mesh(
+    spec: DeploySpec, *, start: bool = True, env: dict[str, str] | None = None, log_dir: Path | None = None
+) -> Iterator[Mesh]:
     """A mesh of real processes, stopped on the way out whatever happens. With start=False the test
     starts services itself (mesh.start_service; from the main thread: children die with their
     starting thread)."""
-    mesh = Mesh(spec, env=MESH_ENV)
+    mesh = Mesh(spec, env={**MESH_ENV, **(env or {})}, log_dir=log_dir)
     try:
         if start:
             mesh.start()

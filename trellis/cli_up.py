@@ -17,6 +17,7 @@ def add_up_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", nargs="?", help="deploy spec (YAML); omitted: 2 stages x TP 2 on CPU, demo model")
     p.add_argument("--port", type=int, help="the router's port (default: the spec's, 50051 for the demo)")
     p.add_argument("--registry", help="override the spec's registry (redis://HOST:PORT/DB)")
+    p.add_argument("--log-dir", help="write each service's logs to DIR/NAME.log instead of this terminal")
     p.set_defaults(func=run_up)
     d = sub.add_parser("demo", help="start the demo mesh, send one request through it, stop")
     d.add_argument("--port", type=int, default=50051)
@@ -50,11 +51,11 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
     return spec
 
 
-def _start(spec: DeploySpec, registry: str | None):
+def _start(spec: DeploySpec, registry: str | None, log_dir: str | None = None):
     from trellis.mesh import Mesh
 
     os.environ.setdefault("TRELLIS_LOG_LEVEL", "WARNING")
-    mesh = Mesh(spec, registry=registry)
+    mesh = Mesh(spec, registry=registry, log_dir=log_dir)
     n = len(mesh.stages)
     say(f"starting {n} stage worker(s) in {len(spec.replicas)} replica(s) and the router; loading weights")
     mesh.start()
@@ -75,7 +76,7 @@ def run_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        mesh = _start(spec, args.registry)
+        mesh = _start(spec, args.registry, args.log_dir)
     except MeshError as e:
         print(f"trellis: error: {e}", file=sys.stderr)
         return 1

@@ -50,8 +50,10 @@ class Mesh:
         spec_path: str | Path | None = None,
         registry: str | None = None,
         env: dict[str, str] | None = None,
+        log_dir: str | Path | None = None,
     ) -> None:
         self.spec = spec
+        self.log_dir = Path(log_dir) if log_dir is not None else None  # else children share our stderr
         if spec_path is None:
             fd, name = tempfile.mkstemp(prefix="trellis-spec-", suffix=".yaml")
             os.close(fd)
@@ -102,7 +104,15 @@ class Mesh:
         return [self.router, *self.stages]
 
     def start_service(self, svc: Service) -> None:
-        svc.proc = subprocess.Popen(svc.argv, env=self.env, preexec_fn=_die_with_parent)
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{svc.name.replace('/', '-')}.log", "ab")  # noqa: SIM115 - the child owns it
+        svc.proc = subprocess.Popen(
+            svc.argv, env=self.env, preexec_fn=_die_with_parent, stdout=out, stderr=out
+        )
+        if out is not None:
+            out.close()  # the child holds its own descriptor
 
     def start(self) -> None:
         for svc in self.stages:

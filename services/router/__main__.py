@@ -22,6 +22,7 @@ from services.stage_worker.model.errors import ModelError
 from trellis import log
 from trellis.registry import open_registry
 from trellis.spec import DeploySpec, SpecError, load
+from trellis.telemetry import setup_tracing
 from trellis.tokenizer import TokenizerMissing, load_tokenizer
 from trellis.v1 import router_pb2_grpc
 
@@ -87,6 +88,7 @@ def main() -> int:
         print(f"router: error: {e}", file=sys.stderr)
         return 2
     log.configure("router")
+    setup_tracing("trellis-router")
     try:
         return asyncio.run(
             serve(

@@ -8,14 +8,17 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 from tokenizers import Tokenizer
 
 from services.router.detokenizer import IncrementalDetokenizer
 from services.router.replicas import ReplicaSet, ReplicaState
 from services.router.validation import InvalidRequest, Limits, check_length, check_request
 from trellis import log
+from trellis.telemetry import outgoing_metadata, span_attributes, tracer
 from trellis.v1 import router_pb2, router_pb2_grpc, stage_pb2
 
+_TRACER = tracer("trellis.router")
 DEFAULT_TIMEOUT_S = 600.0  # a request without a deadline still gets one upstream
 # What the head's finish reasons mean to a client.
 FINISH = {"stop": "stop", "length": "length", "too_long": "length", "abort": "abort"}
@@ -75,10 +78,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.outstanding += 1
         replica.outstanding += 1
         key = next(self._ids)
+        span = _TRACER.start_span(
+            "router.generate",
+            attributes=span_attributes(
+                request_id=request_id, replica=replica.name, prompt_tokens=len(prompt), max_tokens=max_tokens
+            ),
+        )
         try:
-            async for resp in self._stream(replica, key, upstream, request, context, len(prompt)):
+            async for resp in self._stream(replica, key, upstream, request, context, len(prompt), span):
+                if resp.finish_reason:
+                    span.set_attributes(
+                        span_attributes(
+                            finish_reason=resp.finish_reason, completion_tokens=resp.usage.completion_tokens
+                        )
+                    )
                 yield resp
         finally:
+            span.end()
             self.outstanding -= 1
             replica.outstanding -= 1
             replica.calls.pop(key, None)
@@ -91,10 +107,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request: router_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         prompt_len: int,
+        span: trace.Span,
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         remaining = context.time_remaining()
         call = replica.stub.Submit(
-            upstream, timeout=remaining if remaining is not None else DEFAULT_TIMEOUT_S
+            upstream,
+            timeout=remaining if remaining is not None else DEFAULT_TIMEOUT_S,
+            metadata=outgoing_metadata(span),
         )
         replica.calls[key] = call
         detok = (

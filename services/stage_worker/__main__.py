@@ -14,6 +14,7 @@ import sys
 
 from trellis import log
 from trellis.spec import SpecError, load
+from trellis.telemetry import setup_tracing
 from trellis.transport import ucx
 
 
@@ -43,6 +44,7 @@ def main() -> int:
         print(f"stage_worker: error: {msg}", file=sys.stderr)
         return 2
     log.configure("stage_worker", replica=names[idx], stage=args.stage, rank=0)
+    setup_tracing(f"trellis-stage-{names[idx]}-{args.stage}")
     from services.stage_worker.service import StageService
 
     try:

@@ -11,10 +11,14 @@ import grpc
 from services.stage_worker.head import Head, ReplicaFailed
 from trellis import log
 from trellis.rpc.plan_codec import sampling_from_pb
+from trellis.telemetry import incoming_context, span_attributes, tracer
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 
 if TYPE_CHECKING:
     from services.stage_worker.service import StageService
+
+
+_TRACER = tracer("trellis.stage_worker")
 
 
 class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
@@ -50,10 +54,21 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         logger.debug("request admitted", seq_id=stream.seq_id, prompt_tokens=len(request.prompt_ids))
-        finished = False
+        span = _TRACER.start_span(
+            "stage.submit",
+            context=incoming_context(context.invocation_metadata()),
+            attributes=span_attributes(
+                request_id=request.request_id,
+                replica=svc.launch.replica,
+                seq_id=stream.seq_id,
+                prompt_tokens=len(request.prompt_ids),
+            ),
+        )
+        finished, generated = False, 0
         try:
             async for delta in stream:
                 finished = delta.finished
+                generated += len(delta.token_ids)
                 yield stage_pb2.SubmitResponse(
                     token_ids=delta.token_ids, finish_reason=str(delta.finish_reason or "")
                 )
@@ -63,6 +78,8 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
             logger.info("request cancelled", seq_id=stream.seq_id)
             raise
         finally:
+            span.set_attributes(span_attributes(generated_tokens=generated, finished=finished))
+            span.end()
             if not finished:  # cancelled, deadline passed, or the stream broke: free its blocks
                 self.head.abort(stream.seq_id)
 
