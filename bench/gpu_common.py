@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,3 +59,50 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     data.setdefault("command", " ".join([os.path.basename(sys.executable), *sys.argv]))
     path.write_text(json.dumps(data, indent=1))
     say(f"wrote {path}")
+
+
+def steady_tpot(token_times: list[list[float]]) -> float:
+    """Mean gap between consecutive tokens once every request has its first token: the time per
+    output token with the whole batch decoding (prefill chunks of late requests excluded; with
+    decode bursts the tokens of a burst arrive together, and the mean spreads the burst's time)."""
+    all_started = max(times[0] for times in token_times)
+    gaps = [b - a for times in token_times for a, b in itertools.pairwise(times) if a >= all_started]
+    return statistics.fmean(gaps) if gaps else float("nan")
+
+
+def bench_record(
+    name: str,
+    args: Any,
+    info: dict[str, Any],
+    batch: int,
+    *,
+    ttft: float,
+    tpot: float,
+    throughput: float,
+    **config: Any,
+) -> dict[str, Any]:
+    """One run in the planner's trellis-bench/1 format (`trellis plan --validate` reads it)."""
+    return {
+        "format": "trellis-bench/1",
+        "name": name,
+        "config": {
+            "model": args.preset,
+            "dtype": "bf16",
+            "gpu": gpu_preset(info["name"]),
+            "nodes": 1,
+            "gpus_per_node": info["count"],
+            "tp": args.tp,
+            "pp": args.pp,
+            "dp": 1,
+            "batch": batch,
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            **config,
+        },
+        "measured": {
+            "decode_tok_s": batch / tpot,
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "throughput_tok_s": throughput,
+        },
+    }

@@ -16,25 +16,11 @@ import random
 import statistics
 import time
 
-from gpu_common import card, copy_bandwidth, gpu_preset, say, write_json
+from gpu_common import bench_record, card, copy_bandwidth, say, steady_tpot, write_json
 
 from services.stage_worker.engine import Engine, EngineArgs
 from services.stage_worker.plan import SamplingParams
 from trellis.planner.model import load_model
-
-
-def steady_tpot(outs) -> float:
-    """Mean gap between consecutive tokens once every request has its first token: the time per
-    output token with the whole batch decoding (prefill chunks of late requests excluded; with
-    decode bursts the tokens of a burst arrive together, and the mean spreads the burst's time)."""
-    all_started = max(o.token_times[0] for o in outs)
-    gaps = [
-        b - a
-        for o in outs
-        for a, b in zip(o.token_times, o.token_times[1:], strict=False)
-        if a >= all_started
-    ]
-    return statistics.fmean(gaps) if gaps else float("nan")
 
 
 def graph_step_ms(engine: Engine, batches: list[int], reps: int = 50) -> dict[int, float]:
@@ -121,42 +107,28 @@ def main() -> None:
         outs = engine.generate(prompts, SamplingParams(max_tokens=args.output_len, ignore_eos=True))
         end = max(o.token_times[-1] for o in outs)
         ttft = statistics.mean(o.token_times[0] - o.submitted_at for o in outs)
-        tpot = steady_tpot(outs)
+        tpot = steady_tpot([o.token_times for o in outs])
         mean_ctx = args.prompt_len + args.output_len / 2
         step_bytes = weight_bytes + b * mean_ctx * kv_per_token
         # Each of the TP GPUs of a stage reads its 1/TP share; PP stages run one after another
         # for a given token, so the per-token time does not shrink with PP.
         roof_tpot = step_bytes / (args.tp * bw)
-        run = {
-            "format": "trellis-bench/1",
-            "name": f"{args.preset}-tp{args.tp}-pp{args.pp}-b{b}" + suffix,
-            "config": {
-                "model": args.preset,
-                "dtype": "bf16",
-                "gpu": gpu_preset(info["name"]),
-                "nodes": 1,
-                "gpus_per_node": info["count"],
-                "tp": args.tp,
-                "pp": args.pp,
-                "dp": 1,
-                "batch": b,
-                "prompt_len": args.prompt_len,
-                "output_len": args.output_len,
-                "max_batched_tokens": args.max_batched_tokens,
-                "decode_burst": args.decode_burst,
-            },
-            "measured": {
-                "decode_tok_s": b / tpot,
-                "ttft_s": ttft,
-                "tpot_s": tpot,
-                "throughput_tok_s": b * args.output_len / (end - start),
-            },
-            "roofline": {
-                "tpot_s": roof_tpot,
-                "decode_tok_s": b / roof_tpot,
-                "step_bytes": step_bytes,
-                "fraction": roof_tpot / tpot,
-            },
+        run = bench_record(
+            f"{args.preset}-tp{args.tp}-pp{args.pp}-b{b}" + suffix,
+            args,
+            info,
+            b,
+            ttft=ttft,
+            tpot=tpot,
+            throughput=b * args.output_len / (end - start),
+            max_batched_tokens=args.max_batched_tokens,
+            decode_burst=args.decode_burst,
+        )
+        run["roofline"] = {
+            "tpot_s": roof_tpot,
+            "decode_tok_s": b / roof_tpot,
+            "step_bytes": step_bytes,
+            "fraction": roof_tpot / tpot,
         }
         runs.append(run)
         say(

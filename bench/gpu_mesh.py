@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 
-from gpu_common import card, gpu_preset, say, write_json
+from gpu_common import bench_record, card, say, steady_tpot, write_json
 
 from trellis.client import RouterClient
 from trellis.local_spec import local_spec
@@ -88,33 +88,18 @@ def main() -> None:
                 t.join()
             end = max(r[1][-1] for r in results)
             ttft = statistics.mean(r[1][0] - r[0] for r in results)
-            started = max(r[1][0] for r in results)  # from here on the whole batch decodes
-            gaps = [y - x for r in results for x, y in zip(r[1], r[1][1:], strict=False) if x >= started]
-            tpot = statistics.fmean(gaps)
+            tpot = steady_tpot([r[1] for r in results])
             runs.append(
-                {
-                    "format": "trellis-bench/1",
-                    "name": f"mesh-{args.preset}-tp{args.tp}-pp{args.pp}-b{b}-burst{args.decode_burst}",
-                    "config": {
-                        "model": args.preset,
-                        "dtype": "bf16",
-                        "gpu": gpu_preset(info["name"]),
-                        "nodes": 1,
-                        "gpus_per_node": info["count"],
-                        "tp": args.tp,
-                        "pp": args.pp,
-                        "dp": 1,
-                        "batch": b,
-                        "prompt_len": args.prompt_len,
-                        "output_len": args.output_len,
-                    },
-                    "measured": {
-                        "decode_tok_s": b / tpot,
-                        "ttft_s": ttft,
-                        "tpot_s": tpot,
-                        "throughput_tok_s": b * args.output_len / (end - start),
-                    },
-                }
+                bench_record(
+                    f"mesh-{args.preset}-tp{args.tp}-pp{args.pp}-b{b}-burst{args.decode_burst}",
+                    args,
+                    info,
+                    b,
+                    ttft=ttft,
+                    tpot=tpot,
+                    throughput=b * args.output_len / (end - start),
+                    decode_burst=args.decode_burst,
+                )
             )
             say(
                 f"mesh batch {b:4d}: TTFT {ttft * 1e3:8.1f} ms  TPOT {tpot * 1e3:7.2f} ms  "

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from gpu_common import bench_record
 
 from trellis.planner.model import load_model
 
@@ -33,43 +35,26 @@ def from_log(name: str, preset: str, tp: int, pp: int, burst: int, gpus: int) ->
     runs = []
     for m in LINE.finditer(text):
         b, ttft, tpot, _, thr = (float(x) for x in m.groups())
-        runs.append(run_record(preset, tp, pp, int(b), burst, gpus, ttft / 1e3, tpot / 1e3, thr))
+        args = SimpleNamespace(preset=preset, tp=tp, pp=pp, prompt_len=512, output_len=128)
+        runs.append(
+            bench_record(
+                f"{preset}-tp{tp}-pp{pp}-b{int(b)}-burst{burst}",
+                args,
+                {"name": "NVIDIA H200", "count": gpus},
+                int(b),
+                ttft=ttft / 1e3,
+                tpot=tpot / 1e3,
+                throughput=thr,
+                max_batched_tokens=8192,
+                decode_burst=burst,
+            )
+        )
     return {
         "format": "trellis-bench/1",
         "card": {"name": "NVIDIA H200", "count": gpus},
         "copy_bytes_per_s": bw,
         "source": f"{name}.log",
         "runs": runs,
-    }
-
-
-def run_record(
-    preset: str, tp: int, pp: int, b: int, burst: int, gpus: int, ttft: float, tpot: float, throughput: float
-) -> dict:
-    return {
-        "format": "trellis-bench/1",
-        "name": f"{preset}-tp{tp}-pp{pp}-b{b}-burst{burst}",
-        "config": {
-            "model": preset,
-            "dtype": "bf16",
-            "gpu": "h200",
-            "nodes": 1,
-            "gpus_per_node": gpus,
-            "tp": tp,
-            "pp": pp,
-            "dp": 1,
-            "batch": b,
-            "prompt_len": 512,
-            "output_len": 128,
-            "max_batched_tokens": 8192,
-            "decode_burst": burst,
-        },
-        "measured": {
-            "decode_tok_s": b / tpot,
-            "ttft_s": ttft,
-            "tpot_s": tpot,
-            "throughput_tok_s": throughput,
-        },
     }
 
 

@@ -143,6 +143,18 @@ class DeploySpec:
                     raise SpecError(f"replicas[{i}].stages[{j}].tp: {e}") from None
 
 
+def balanced_layers(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous, balanced [start, end) ranges; earlier stages take the remainder. The one split
+    the engine, the planner and generated specs all use (callers check 1 <= pp <= num_layers)."""
+    base, extra = divmod(num_layers, pp)
+    ranges, start = [], 0
+    for i in range(pp):
+        end = start + base + (1 if i < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return tuple(ranges)
+
+
 # ---- parsing -------------------------------------------------------------------------------------
 
 

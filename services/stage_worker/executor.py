@@ -7,7 +7,6 @@ so the TP peers see the same sequence of broadcasts; the asyncio loop stays free
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -61,10 +60,7 @@ class StageExecutor:
         ctx = self.ctx
         if ctx.control.tp > 1:
             ctx.control.send(encode_plan(plan), hidden)
-        out = ctx.runner.execute(plan, hidden)
-        if isinstance(out, StepResult) and plan.return_logits:
-            out = dataclasses.replace(out, logits=ctx.runner.last_logits.float().cpu())
-        return out
+        return ctx.runner.execute(plan, hidden)  # the runner attaches logits when the plan asks
 
     def peers_alive(self) -> bool:
         return all(p.poll() is None for p in self._peers)

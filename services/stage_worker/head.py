@@ -203,7 +203,7 @@ class Head:
             self._events.put_nowait(ReplicaFailed(f"the last stage is unreachable: {e}"))
 
     def _complete(self, result: StepResult) -> None:
-        rows = {sid: i for i, sid in enumerate(result.seq_ids)}
+        rows = {sid: i for i, sid in enumerate(result.seq_ids)} if result.logits is not None else {}
         for upd in self.scheduler.complete(result):
             self.generated_tokens += len(upd.new_token_ids)
             stream = self._streams.get(upd.seq_id)

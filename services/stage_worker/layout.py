@@ -6,21 +6,16 @@ import math
 
 from services.stage_worker.model.config import ModelConfig
 from services.stage_worker.model.errors import ModelError
+from trellis.spec import balanced_layers
 
 
-def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:
-    """Contiguous, balanced [start, end) ranges; earlier stages take the remainder."""
+def split_layers(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
+    """The balanced split of trellis.spec, refused with a ModelError where PP does not fit."""
     if pp < 1:
         raise ModelError(f"PP must be >= 1, got {pp}")
     if pp > num_layers:
         raise ModelError(f"PP {pp} is larger than the model's {num_layers} layers")
-    base, extra = divmod(num_layers, pp)
-    out, start = [], 0
-    for i in range(pp):
-        end = start + base + (1 if i < extra else 0)
-        out.append((start, end))
-        start = end
-    return out
+    return balanced_layers(num_layers, pp)
 
 
 def default_num_blocks(cfg: ModelConfig, *, block_size: int, max_model_len: int, max_num_seqs: int) -> int:

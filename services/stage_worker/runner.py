@@ -231,7 +231,7 @@ class StageRunner:
                 logits = self.graphs.run(tokens, positions, tables)
             else:
                 logits = self._eager_decode(plan, tokens, positions, tables)
-            if k == 0:
+            if k == 0 and plan.return_logits:  # the graph's buffer is overwritten by the next step
                 first_logits = logits.clone()
             torch.argmax(logits, dim=-1, out=picked[k])
             tokens = picked[k]

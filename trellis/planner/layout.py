@@ -12,17 +12,10 @@ from dataclasses import dataclass
 
 from trellis.planner.hardware import Cluster
 from trellis.planner.model import ModelShape
+from trellis.spec import balanced_layers
 
-
-def split_layers(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
-    """Balanced [start, end) ranges; the extra layers go to the first stages (the last holds the LM head)."""
-    base, extra = divmod(num_layers, pp)
-    ranges, start = [], 0
-    for j in range(pp):
-        end = start + base + (1 if j < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return tuple(ranges)
+# The engine's own split: emitted specs run exactly the stages the planner costed.
+split_layers = balanced_layers
 
 
 @dataclass(frozen=True)
