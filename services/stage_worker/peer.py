@@ -38,7 +38,7 @@ def main() -> None:
         header, hidden = msg
         ctx.runner.execute(decode_plan(header), hidden)
     logger.info("peer stopping")
-    stop_rank()
+    stop_rank(ctx)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: an NCCL communicator left to exit must not block it

@@ -94,13 +94,17 @@ def start_rank(launch: StageLaunch, rank: int) -> RankContext:
     return RankContext(launch, rank, cfg, device, dtype, runner, control)
 
 
-def stop_rank() -> None:
-    """Leave the stage's process group.
+def stop_rank(ctx: RankContext | None = None) -> None:
+    """Drop the rank's CUDA graphs, then leave the stage's process group.
 
-    NCCL is left to process exit: on H200s both destroy and abort of a communicator that CUDA
-    graphs captured were seen to block for minutes (bench/RESULTS.md). The teardown runs in a
-    daemon thread given a few seconds; gloo groups are destroyed normally.
+    A graph that captured NCCL kernels keeps the communicator in use until the graph is destroyed,
+    and on H200s destroy and abort of such a communicator were seen to block for minutes
+    (bench/RESULTS.md): so the graphs go first, and the NCCL teardown still runs in a daemon
+    thread given a few seconds (after that it is left to process exit); gloo groups are destroyed
+    normally.
     """
+    if ctx is not None:
+        ctx.runner.release()
     if not dist.is_initialized():
         return
     if dist.get_backend() != "nccl":

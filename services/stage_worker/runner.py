@@ -161,6 +161,13 @@ class StageRunner:
         """How many KV blocks fit in ``memory_bytes`` on one rank of this stage."""
         return memory_bytes // kv_cache_bytes_per_block(cfg, layers, tp, block_size, dtype)
 
+    def release(self) -> None:
+        """Free the CUDA graphs (and the memory they pin) before the process group is torn down."""
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
         """Run one step. Returns hidden [tokens, hidden_size] on a non-last stage, a StepResult on the

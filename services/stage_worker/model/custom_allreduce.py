@@ -2,7 +2,9 @@
 
 Every rank copies its tensor into a buffer that all ranks can read (torch symmetric memory; no
 NVLink multicast, which stays off on these machines), then each reads all peers' buffers and sums:
-one kernel, one round of NVLink reads, no ring. NCCL keeps the large tensors.
+one round of NVLink reads, no ring. NCCL keeps the large tensors. Where torch has
+`one_shot_all_reduce_copy`, the copy into the buffer happens inside the all-reduce kernel: one
+launch instead of two, 2 per layer saved (a 70B TP4 step has 160 all-reduces).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class OneShotAllReduce:
         self.buffer = buffer
         self.group_name = group_name
         self.max_bytes = max_bytes
+        self.fused_copy = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
 
     @classmethod
     def create(
@@ -43,6 +46,9 @@ class OneShotAllReduce:
         """The sum over ranks of t (bf16, at most max_bytes), as a new tensor."""
         n = t.numel()
         staged = self.buffer[:n]
-        staged.copy_(t.reshape(-1))
-        out = torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name)
+        if self.fused_copy:
+            out = torch.ops.symm_mem.one_shot_all_reduce_copy(staged, t.reshape(-1), "sum", self.group_name)
+        else:
+            staged.copy_(t.reshape(-1))
+            out = torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name)
         return out.view_as(t)
