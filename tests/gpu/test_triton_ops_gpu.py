@@ -1,10 +1,12 @@
 """The Triton decode-path kernels compiled for the GPU: the CPU unit tests' comparisons against the
 PyTorch reference, on CUDA in bfloat16 and float32, plus paged decode at Llama shapes, split-K
-chosen from the GPU's SM count, and replay inside a CUDA graph."""
+chosen from the GPU's SM count or forced (combined in-kernel by the last split), and replay inside a
+CUDA graph, alone and after the fused rotary + KV store kernel."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,11 +17,19 @@ pytest.importorskip("triton")
 
 from services.stage_worker.model.attention_backend import TorchReferenceBackend
 from services.stage_worker.model.paged_decode import paged_decode_attention
-from tests.unit.test_paged_decode import CASES, DecodeCase, check_decode, decode_inputs
+from tests.unit.test_paged_decode import (
+    CASES,
+    DecodeCase,
+    check_decode,
+    check_decode_layer_steps,
+    check_splits_twice,
+    decode_inputs,
+)
 from tests.unit.test_triton_ops import (
     check_add_rms_norm,
     check_rms_norm,
     check_rotary,
+    check_rotary_store_kv,
     check_silu_and_mul,
     check_store_kv,
 )
@@ -41,6 +51,68 @@ def test_elementwise_kernels(dtype: torch.dtype) -> None:
     check_silu_and_mul(CUDA, dtype, rtol=rtol, atol=atol)
     for block_size in (8, 16, 32):
         check_store_kv(CUDA, dtype, block_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "block_size, q_heads, kv_heads, head_dim",
+    [(8, 6, 2, 16), (16, 32, 8, 128), (32, 4, 4, 24), (16, 8, 1, 64)],
+    ids=["gqa3-block8", "llama8b-block16", "mha-block32-d24", "gqa8-block16-d64"],
+)
+def test_rotary_store_kv(
+    dtype: torch.dtype, block_size: int, q_heads: int, kv_heads: int, head_dim: int
+) -> None:
+    rtol, atol = ELEMENTWISE_TOL[dtype]
+    check_rotary_store_kv(
+        CUDA,
+        dtype,
+        block_size=block_size,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        rtol=rtol,
+        atol=atol,
+    )
+
+
+def test_rotary_store_kv_into_a_cache_of_another_dtype() -> None:
+    rtol, atol = ELEMENTWISE_TOL[torch.bfloat16]  # one float16 rounding of the float32 result
+    check_rotary_store_kv(CUDA, torch.float32, block_size=16, cache_dtype=torch.float16, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5, 16])
+def test_paged_decode_forced_splits_twice_in_a_row(num_splits: int, dtype: torch.dtype) -> None:
+    rtol, atol = ATTENTION_TOL[dtype]
+    check_splits_twice(num_splits, CUDA, dtype, rtol=rtol, atol=atol)
+
+
+def capture_in_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
+    """Runs step twice on a side stream (compiles, makes the split counters), then captures it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay  # holds the graph
+
+
+@pytest.mark.parametrize("num_splits", [None, 3, 16])
+def test_rotary_store_and_decode_replay_in_a_cuda_graph(num_splits: int | None) -> None:
+    # Three replays with new positions, slots, block tables and context lengths, each into an
+    # output filled with NaN: a split counter left nonzero by a replay would leave NaN behind.
+    check_decode_layer_steps(
+        CUDA,
+        torch.bfloat16,
+        num_splits=num_splits,
+        capture=capture_in_cuda_graph,
+        rtol=ATTENTION_TOL[torch.bfloat16][0],
+        atol=ATTENTION_TOL[torch.bfloat16][1],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,7 +1,7 @@
-"""The fused Triton kernels (RMSNorm, add + RMSNorm, rotary, SiLU-and-mul, KV store) against the
-plain PyTorch reference path. On CPU they run in Triton's interpreter, in float32 (the interpreter
-truncates float32 -> bfloat16 instead of rounding, so bfloat16 is checked on GPU only:
-tests/gpu/test_triton_ops_gpu.py reuses the ``check_*`` helpers below)."""
+"""The fused Triton kernels (RMSNorm, add + RMSNorm, rotary, SiLU-and-mul, KV store, rotary + KV
+store) against the plain PyTorch reference path. On CPU they run in Triton's interpreter, in float32
+(the interpreter truncates float32 -> bfloat16 instead of rounding, so bfloat16 is checked against
+the reference on GPU only: tests/gpu/test_triton_ops_gpu.py reuses the ``check_*`` helpers below)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,67 @@ def check_store_kv(device: torch.device, dtype: torch.dtype, block_size: int) ->
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+def qkv_views(
+    qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [T, heads, D] as the attention layer makes them: strided views of the qkv output."""
+    sizes = [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q, k, v = qkv.split(sizes, dim=-1)
+    return tuple(t.view(qkv.shape[0], -1, head_dim) for t in (q, k, v))
+
+
+def check_rotary_store_kv(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    block_size: int,
+    q_heads: int = 6,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    cache_dtype: torch.dtype | None = None,
+    rtol: float,
+    atol: float,
+) -> None:
+    """The fused kernel against the PyTorch reference (rotary.py, then an indexed cache write)
+    within (rtol, atol), and against the two kernels it replaces (apply_rotary, then store_kv)
+    bit for bit, in any dtype: same roundings, same casts."""
+    tokens, num_blocks = 7, 8
+    cache_dtype = cache_dtype or dtype
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
+    positions = torch.tensor([0, 3, 17, 200, 4095, 1, 9], device=device)
+    cos, sin = RotaryEmbedding(head_dim, 500000.0, None).to(device)(positions, dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(device)
+    slots[3] = -1  # a padding row: rotated like the others, but nothing goes to the cache
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(device, cache_dtype)
+    v_cache = torch.randn(shape, generator=gen).to(device, cache_dtype)
+
+    ref_q, ref_k, ref_v = qkv_views(qkv.clone(), q_heads, kv_heads, head_dim)
+    expected_q, expected_k = apply_rotary(ref_q, cos, sin), apply_rotary(ref_k, cos, sin)
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    expected_k_cache.view(-1, kv_heads, head_dim)[slots[keep]] = expected_k[keep].to(cache_dtype)
+    expected_v_cache.view(-1, kv_heads, head_dim)[slots[keep]] = ref_v[keep].to(cache_dtype)
+
+    two_kernels = qkv.clone()
+    two_k_cache, two_v_cache = k_cache.clone(), v_cache.clone()
+    q2, k2, v2 = qkv_views(two_kernels, q_heads, kv_heads, head_dim)
+    triton_ops.apply_rotary(q2, k2, cos, sin)
+    triton_ops.store_kv(k2, v2, two_k_cache, two_v_cache, slots)
+
+    q, k, v = qkv_views(qkv, q_heads, kv_heads, head_dim)
+    got_q, got_k = triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
+    assert torch.equal(qkv, two_kernels)  # q, k rotated as apply_rotary does; v untouched
+    assert torch.equal(k_cache, two_k_cache) and torch.equal(v_cache, two_v_cache)
+    torch.testing.assert_close(got_q, expected_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got_k, expected_k, rtol=rtol, atol=atol)
+    assert torch.equal(v, ref_v)
+    torch.testing.assert_close(k_cache, expected_k_cache, rtol=rtol, atol=atol)
+    assert torch.equal(v_cache, expected_v_cache)  # v is only copied
+
+
 def test_rms_norm_matches_reference() -> None:
     check_rms_norm(DEVICE, torch.float32, rtol=1e-6, atol=1e-6)
 
@@ -143,6 +204,36 @@ def test_store_kv_writes_slots_and_skips_padding(block_size: int) -> None:
     check_store_kv(DEVICE, torch.float32, block_size)
 
 
+@pytest.mark.parametrize(
+    "block_size, q_heads, kv_heads, head_dim",
+    [(8, 6, 2, 16), (16, 8, 1, 16), (32, 4, 4, 24), (1, 6, 3, 16)],
+    ids=["gqa3-block8", "gqa8-block16", "mha-block32-d24", "block1"],
+)
+def test_rotary_store_kv_matches_reference(
+    block_size: int, q_heads: int, kv_heads: int, head_dim: int
+) -> None:
+    check_rotary_store_kv(
+        DEVICE,
+        torch.float32,
+        block_size=block_size,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        rtol=0,  # same roundings, no FMA: bit-exact
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.bfloat16, None), (torch.float32, torch.float16)])
+def test_rotary_store_kv_matches_the_two_kernels_in_other_dtypes(
+    dtype: torch.dtype, cache_dtype: torch.dtype | None
+) -> None:
+    # The interpreter's float32 -> bfloat16 cast truncates, so the PyTorch reference is only
+    # loosely comparable here (tests/gpu checks it tightly); the two kernels it replaces round
+    # exactly as it does, in any dtype and with a cache of another dtype.
+    check_rotary_store_kv(DEVICE, dtype, block_size=16, cache_dtype=cache_dtype, rtol=2e-2, atol=2e-2)
+
+
 def test_bad_inputs_raise_one_line_errors() -> None:
     x = torch.randn(2, 8)
     with pytest.raises(triton_ops.KernelInputError, match="weight must be"):
@@ -159,3 +250,12 @@ def test_bad_inputs_raise_one_line_errors() -> None:
     cache = torch.zeros(4, 16, 2, 8)
     with pytest.raises(triton_ops.KernelInputError, match="slot_mapping must be int64"):
         triton_ops.store_kv(k, k, cache, cache, torch.zeros(3, dtype=torch.int32))
+    angles = torch.randn(3, 8)
+    with pytest.raises(triton_ops.KernelInputError, match="slot_mapping must be int64"):
+        triton_ops.rotary_store_kv(
+            torch.randn(3, 4, 8), k, k, angles, angles, cache, cache, torch.zeros(3, dtype=torch.int32)
+        )
+    with pytest.raises(triton_ops.KernelInputError, match="sin must be"):
+        triton_ops.rotary_store_kv(
+            torch.randn(3, 4, 8), k, k, angles, angles[:2], cache, cache, torch.zeros(3, dtype=torch.int64)
+        )

@@ -54,11 +54,17 @@ class Attention(nn.Module):
         q = q.view(tokens, -1, self.head_dim)  # [tokens, q_heads, head_dim]
         k = k.view(tokens, -1, self.head_dim)  # [tokens, kv_heads, head_dim]
         v = v.view(tokens, -1, self.head_dim)
-        if self.fused is not None:
-            q, k = self.fused.apply_rotary(q, k, ctx.cos, ctx.sin)
+        kv_cache = ctx.kv_cache.layer(self.layer_idx)
+        # GPU: the backend's forward_rotary rotates q, k and writes the KV cache in one kernel.
+        rotate_store_attend = getattr(ctx.backend, "forward_rotary", None) if self.fused is not None else None
+        if rotate_store_attend is not None:
+            out = rotate_store_attend(
+                q, k, v, ctx.cos, ctx.sin, kv_cache, scale=self.scale, sliding_window=self.sliding_window
+            )
         else:
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        out = ctx.backend.forward(
-            q, k, v, ctx.kv_cache.layer(self.layer_idx), scale=self.scale, sliding_window=self.sliding_window
-        )
+            if self.fused is not None:
+                q, k = self.fused.apply_rotary(q, k, ctx.cos, ctx.sin)
+            else:
+                q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            out = ctx.backend.forward(q, k, v, kv_cache, scale=self.scale, sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(tokens, -1))

@@ -1,9 +1,10 @@
 """The GPU attention backend: KV stores and decode in Triton kernels, prefill in flash attention.
 
-Decode rows (one query token) go through the paged decode kernel, which reads context lengths and
-block tables on the device, so a decode step can be captured in a CUDA graph. Prefill chunks run
-PyTorch SDPA per sequence: the flash kernel directly on the chunk's own K/V when the sequence has
-no earlier context, else over its keys gathered from the paged cache with a causal offset mask.
+forward_rotary also rotates q and k, in the same kernel as the KV store. Decode rows (one query
+token) go through the paged decode kernel, which reads context lengths and block tables on the
+device, so a decode step can be captured in a CUDA graph. Prefill chunks run PyTorch SDPA per
+sequence: the flash kernel directly on the chunk's own K/V when the sequence has no earlier
+context, else over its keys gathered from the paged cache with a causal offset mask.
 """
 
 from __future__ import annotations
@@ -52,9 +53,42 @@ class GpuAttentionBackend:
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
+        """AttentionBackend.forward: q, k already rotated; stores k, v, then attends."""
+        k_cache, v_cache = kv_cache
+        triton_ops.store_kv(k, v, k_cache, v_cache, self._meta.slot_mapping)
+        return self._attend(q, k, v, kv_cache, scale=scale, sliding_window=sliding_window)
+
+    def forward_rotary(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        *,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """forward for q, k not yet rotated: one kernel rotates them in place by cos/sin [tokens,
+        head_dim] and writes the rotated k and v into the cache, then attention runs as in forward."""
+        k_cache, v_cache = kv_cache
+        q, k = triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, self._meta.slot_mapping)
+        return self._attend(q, k, v, kv_cache, scale=scale, sliding_window=sliding_window)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        *,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Attention of q over the cache, this step's k, v already in it (and in k, v for prefill)."""
         meta = self._meta
         k_cache, v_cache = kv_cache
-        triton_ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if self._all_decode:
             return paged_decode_attention(
                 q,

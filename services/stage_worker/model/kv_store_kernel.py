@@ -53,15 +53,14 @@ def _store_kv_kernel(
     tl.store(v_dst + dims, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(
+def check_store_kv_inputs(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Writes k, v [T, Hk, D] into the caches [num_blocks, block_size, Hk, D] at the flat slots
-    slot_mapping [T] int64 (slot = block * block_size + offset); a negative slot skips its row."""
+    """k, v [T, Hk, D], caches [blocks, block_size, Hk, D], slot_mapping [T] int64; unit last strides."""
     _require(
         k.dim() == 3 and k.shape == v.shape,
         f"k, v must be equal [T, Hk, D], got {tuple(k.shape)}, {tuple(v.shape)}",
@@ -77,6 +76,18 @@ def store_kv(
     )
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         _require_unit_last_stride(name, t)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes k, v [T, Hk, D] into the caches [num_blocks, block_size, Hk, D] at the flat slots
+    slot_mapping [T] int64 (slot = block * block_size + offset); a negative slot skips its row."""
+    check_store_kv_inputs(k, v, k_cache, v_cache, slot_mapping)
     tokens, heads, head_dim = k.shape
     if tokens == 0:
         return

@@ -7,9 +7,11 @@ block size works and one tile may span several blocks. Softmax is online, in flo
 
 Split-K: when there are few (sequence, kv head) pairs for the GPU (batch 1, long context), each
 pair is split over NUM_SPLITS programs, each taking an equal share of the context (computed on the
-device from context_lens), writing a partial output and its log-sum-exp; a small second kernel
-combines them. NUM_SPLITS depends only on shapes (batch, kv heads, block table width), never on
-data, so the launch is CUDA-graph safe: no host sync, grid from B and Hk only.
+device from context_lens), writing a partial output and its log-sum-exp; the split that finishes
+last (an atomic counter per pair) combines them, in the same launch. NUM_SPLITS depends only on
+shapes (batch, kv heads, block table width), never on data, so the launch is CUDA-graph safe: no
+host sync, grid from B and Hk only, and the counters are back at 0 after every launch.
+The kernel itself is in paged_decode_kernel.py.
 """
 
 from __future__ import annotations
@@ -23,213 +25,40 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see triton_ops.py
 
 import triton
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from services.stage_worker.model.paged_decode_kernel import paged_decode_kernel
 from services.stage_worker.model.triton_ops import KernelInputError
 
 TILE_N = 64  # positions per loop step: 4 blocks of 16, one 64 x D tile of K and of V in flight
 MIN_DOT_ROWS = 16  # tl.dot needs M, N, K >= 16
 MAX_SPLITS = 16
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in the reduce than it saves
+MIN_COUNTERS = 64  # counter buffers come in powers of 2 from this size, so few sizes ever exist
+
+# (device, size) -> int32 zeros: the split counters. A buffer is made once and kept for good, since
+# a captured CUDA graph holds its address; every launch leaves it at 0 again.
+_split_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-@triton.jit
-def _attend_tile(
-    q,  # [BLOCK_G, BLOCK_D]
-    m,  # [BLOCK_G] running max score (log2 units)
-    total,  # [BLOCK_G] running sum of exp2(score - m)
-    acc,  # [BLOCK_G, BLOCK_D] running sum of p * v
-    start,
-    hi,
-    table,  # this sequence's block table row
-    k_base,  # k cache at this kv head
-    v_base,
-    block_stride,  # shared by both caches
-    pos_stride,
-    scale_log2,
-    dims,
-    dim_mask,
-    BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Folds positions [start, min(start + TILE, hi)) into the online softmax state."""
-    positions = start + tl.arange(0, TILE)
-    valid = positions < hi
-    blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    in_block = positions % BLOCK_SIZE
-    # K is gathered straight into [BLOCK_D, TILE] (dims fastest) so it feeds tl.dot without a transpose;
-    # V is loaded before the softmax math so both loads are in flight together.
-    rows = blocks * block_stride + in_block * pos_stride
-    k_t = tl.load(
-        k_base + rows[None, :] + dims[:, None], mask=dim_mask[:, None] & valid[None, :], other=0.0
-    )  # [BLOCK_D, TILE]
-    v = tl.load(
-        v_base + rows[:, None] + dims[None, :], mask=valid[:, None] & dim_mask[None, :], other=0.0
-    )  # [TILE, BLOCK_D]
-    scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, TILE]
-    scores = tl.where(valid[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    total = total * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, total, acc
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` int32 counters at 0 on ``device``, shared by every split-K launch of that size.
 
-
-@triton.jit
-def _paged_decode_kernel(
-    q_ptr,  # [B, Hq, D] with strides
-    k_cache_ptr,  # [num_blocks, block_size, Hk, D] with strides (the same for both caches)
-    v_cache_ptr,
-    block_tables_ptr,  # [B, W] int32
-    context_lens_ptr,  # [B] int32
-    out_ptr,  # [B, Hq, D] with strides (NUM_SPLITS == 1)
-    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] float32 contiguous (NUM_SPLITS > 1)
-    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] float32 contiguous, log2 units
-    q_seq_stride,
-    q_head_stride,
-    cache_block_stride,
-    cache_pos_stride,
-    cache_head_stride,
-    table_stride,
-    out_seq_stride,
-    out_head_stride,
-    scale_log2,  # softmax scale * log2(e): scores live in base 2 so exp2 does the work
-    window,
-    GROUP: tl.constexpr,  # query heads per kv head
-    HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TILE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    context = tl.load(context_lens_ptr + seq)
-    first = 0
-    if HAS_WINDOW:
-        first = tl.maximum(context - window, 0)
-    # This program's share [lo, hi) of the attended positions, tile aligned, possibly empty.
-    chunk = tl.cdiv(tl.cdiv(context - first, NUM_SPLITS), TILE) * TILE
-    lo = first + split * chunk
-    hi = tl.minimum(lo + chunk, context)
-
-    rows = tl.arange(0, BLOCK_G)
-    dims = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + rows  # query heads of this kv head
-    row_mask = rows < GROUP
-    dim_mask = dims < HEAD_DIM  # constant true when HEAD_DIM is a power of 2 (>= 16)
-    q = tl.load(
-        q_ptr + seq * q_seq_stride + heads[:, None] * q_head_stride + dims[None, :],
-        mask=row_mask[:, None] & dim_mask[None, :],
-        other=0.0,
-    )  # [BLOCK_G, BLOCK_D]
-
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max score (log2 units)
-    total = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running sum of p * v
-    table = block_tables_ptr + seq * table_stride
-    k_base = k_cache_ptr + kv_head * cache_head_stride
-    v_base = v_cache_ptr + kv_head * cache_head_stride
-    if INTERPRET:
-        # Triton 3.6's interpreter cannot run a for loop with tensor bounds under numpy >= 2.4
-        # (triton-lang/triton#9171); a while loop does the same steps.
-        start = lo
-        while start < hi:
-            m, total, acc = _attend_tile(
-                q,
-                m,
-                total,
-                acc,
-                start,
-                hi,
-                table,
-                k_base,
-                v_base,
-                cache_block_stride,
-                cache_pos_stride,
-                scale_log2,
-                dims,
-                dim_mask,
-                BLOCK_SIZE,
-                TILE,
-                DOT_PRECISION,
+    Launches on one device must run in order (one stream), as a stage's layers do. The buffer is
+    made outside CUDA graph capture: a graph's warm-up runs the same shapes eagerly first."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
+    size = max(triton.next_power_of_2(count), MIN_COUNTERS)
+    key = (device, size)
+    counters = _split_counters.get(key)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "paged decode split counters must be made outside CUDA graph capture: "
+                "run the step once eagerly before capturing it"
             )
-            start += TILE
-    else:
-        for start in range(lo, hi, TILE):
-            m, total, acc = _attend_tile(
-                q,
-                m,
-                total,
-                acc,
-                start,
-                hi,
-                table,
-                k_base,
-                v_base,
-                cache_block_stride,
-                cache_pos_stride,
-                scale_log2,
-                dims,
-                dim_mask,
-                BLOCK_SIZE,
-                TILE,
-                DOT_PRECISION,
-            )
-
-    # An empty share (or context 0, a padding row) leaves total == 0: output zeros, weight zero.
-    safe_total = tl.where(total > 0, total, 1.0)
-    result = acc / safe_total[:, None]
-    out_mask = row_mask[:, None] & dim_mask[None, :]
-    if NUM_SPLITS == 1:
-        dst = out_ptr + seq * out_seq_stride + heads[:, None] * out_head_stride + dims[None, :]
-        tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        slot = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(partial_out_ptr + slot[:, None] * HEAD_DIM + dims[None, :], result, mask=out_mask)
-        lse = tl.where(total > 0, m + tl.log2(safe_total), float("-inf"))
-        tl.store(partial_lse_ptr + slot, lse, mask=row_mask)
-
-
-@triton.jit
-def _combine_splits_kernel(
-    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] float32
-    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] float32, log2 units
-    out_ptr,  # [B, Hq, D] with strides
-    out_seq_stride,
-    out_head_stride,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    row = seq * tl.num_programs(1) + head
-    splits = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, BLOCK_D)
-    split_mask = splits < NUM_SPLITS
-    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # every share empty: all weights become 0
-    weights = tl.exp2(lse - top)  # [BLOCK_S]
-    parts = tl.load(
-        partial_out_ptr + (row * NUM_SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :],
-        mask=split_mask[:, None] & (dims[None, :] < HEAD_DIM),
-        other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
-    total = tl.sum(weights, axis=0)
-    result = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    dst = out_ptr + seq * out_seq_stride + head * out_head_stride + dims
-    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+        counters = _split_counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return counters[:count]
 
 
 def choose_num_splits(*, batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -326,9 +155,12 @@ def paged_decode_attention(
             (batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
         )
         partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+        counters = split_counters(q.device, batch * kv_heads)
     else:
-        partial_out = partial_lse = out  # unused by the kernel when NUM_SPLITS == 1
-    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+        # Unused by the kernel when NUM_SPLITS == 1: any tensors do.
+        partial_out = partial_lse = out
+        counters = context_lens
+    paged_decode_kernel[(batch, kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -337,6 +169,7 @@ def paged_decode_attention(
         out,
         partial_out,
         partial_lse,
+        counters,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -353,23 +186,12 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS),
         BLOCK_D=block_d,
+        BLOCK_GROUP=max(triton.next_power_of_2(group), 2),
+        BLOCK_S=triton.next_power_of_2(num_splits),
         TILE=TILE_N,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRET=isinstance(_paged_decode_kernel, InterpretedFunction),
+        INTERPRET=isinstance(paged_decode_kernel, InterpretedFunction),
         num_warps=4,
     )
-    if num_splits > 1:
-        _combine_splits_kernel[(batch, q_heads)](
-            partial_out,
-            partial_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
     return out

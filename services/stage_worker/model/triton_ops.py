@@ -139,6 +139,21 @@ def add_rms_norm(
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos, sin):
+    """The two halves [heads, BLOCK_HALF] of heads in the model dtype -> their rotation, same dtype;
+    cos/sin are [BLOCK_HALF] fp32. Shared by the rotary kernel and the rotary + KV store kernel."""
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    # Reference: x * cos + cat(-x2, x1) * sin, each product rounded to the model dtype before the add.
+    x1_cos = (x1 * cos[None, :]).to(dtype).to(tl.float32)
+    x2_sin = (x2 * sin[None, :]).to(dtype).to(tl.float32)
+    x2_cos = (x2 * cos[None, :]).to(dtype).to(tl.float32)
+    x1_sin = (x1 * sin[None, :]).to(dtype).to(tl.float32)
+    return (x1_cos - x2_sin).to(dtype), (x2_cos + x1_sin).to(dtype)
+
+
+@triton.jit
 def _rotate_heads(
     base_ptr,
     head_stride,
@@ -156,16 +171,9 @@ def _rotate_heads(
     first = base_ptr + heads[:, None] * head_stride + dims[None, :]  # [BLOCK_HEADS, BLOCK_HALF]
     x1 = tl.load(first, mask=mask, other=0.0)
     x2 = tl.load(first + HALF, mask=mask, other=0.0)
-    dtype = x1.dtype
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    # Reference: x * cos + cat(-x2, x1) * sin, each product rounded to the model dtype before the add.
-    x1_cos = (x1 * cos[None, :]).to(dtype).to(tl.float32)
-    x2_sin = (x2 * sin[None, :]).to(dtype).to(tl.float32)
-    x2_cos = (x2 * cos[None, :]).to(dtype).to(tl.float32)
-    x1_sin = (x1 * sin[None, :]).to(dtype).to(tl.float32)
-    tl.store(first, (x1_cos - x2_sin).to(dtype), mask=mask)
-    tl.store(first + HALF, (x2_cos + x1_sin).to(dtype), mask=mask)
+    out1, out2 = rotate_halves(x1, x2, cos, sin)
+    tl.store(first, out1, mask=mask)
+    tl.store(first + HALF, out2, mask=mask)
 
 
 @triton.jit
@@ -216,12 +224,8 @@ def _rotary_kernel(
     )
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q [T, Hq, D] and k [T, Hk, D] IN PLACE by cos/sin [T, D] (neox style, as rotary.py's
-    apply_rotary) and returns them. q and k may be strided views (e.g. of the fused qkv output) as
-    long as each head's D values are contiguous."""
+def check_rotary_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """q [T, Hq, D], k [T, Hk, D] (strided, unit last stride, one dtype) and cos/sin [T, D]."""
     _require(
         q.dim() == 3 and k.dim() == 3, f"q, k must be [T, heads, D], got {tuple(q.shape)}, {tuple(k.shape)}"
     )
@@ -240,6 +244,16 @@ def apply_rotary(
     _require_unit_last_stride("q", q)
     _require_unit_last_stride("k", k)
     _require(q.dtype == k.dtype, f"q dtype {q.dtype} != k dtype {k.dtype}")
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, Hq, D] and k [T, Hk, D] IN PLACE by cos/sin [T, D] (neox style, as rotary.py's
+    apply_rotary) and returns them. q and k may be strided views (e.g. of the fused qkv output) as
+    long as each head's D values are contiguous."""
+    check_rotary_inputs(q, k, cos, sin)
+    tokens, _, head_dim = q.shape
     if tokens == 0:
         return q, k
     half = head_dim // 2
@@ -311,5 +325,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# The KV-cache write lives in its own file; it is part of this module's API.
+# The KV-cache write, alone or fused with rotary, lives in its own files; it is part of this module's API.
 from services.stage_worker.model.kv_store_kernel import store_kv  # noqa: E402, F401
+from services.stage_worker.model.rotary_kv_store_kernel import rotary_store_kv  # noqa: E402, F401
