@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# One GPU: check the GPU path against transformers, then time decode, the mesh and the baseline.
+# One GPU: check the GPU path against transformers, then time decode, the baseline and the mesh.
 #   run on the device machine with carry [".whl", "trellis/v1"]; results land in $OUT
+#   PART=tests|decode|rest picks one part (each fits one 10-minute call); default: all of them.
 source bench/device_env.sh
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+PART=${PART:-all}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c "import torch, triton, grpc, google.protobuf as pb; print('torch', torch.__version__, 'triton', triton.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__)"
-python3 -c "import ucxx; print('ucxx ok')" 2>&1 | tail -1
 step() { echo "=== $1 ($(date +%T))"; }
-step "GPU tests"
-python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-step "8B decode sweep (engine)"
-python3 bench/gpu_decode.py --preset llama-3-8b --batches ${BATCHES:-1,8,32,64,128} --out "$OUT/gpu_decode_8b_tp1.json" 2>&1 | tail -20
-step "transformers baseline"
-python3 bench/hf_baseline.py --preset llama-3-8b --batches 1,8,64 --out "$OUT/hf_8b.json" 2>&1 | tail -6
-step "8B batch sweep (mesh)"
-python3 bench/gpu_mesh.py --preset llama-3-8b --batches ${BATCHES:-1,8,32,64,128} --out "$OUT/gpu_mesh_8b_tp1.json" 2>&1 | tail -12
+# run NAME TIMEOUT CMD...: the whole output to $OUT/NAME.log, its summary lines here
+run() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? ($name)"
+  grep -E "batch|passed|failed|Error|error:|wrote|copy|steps|us/step|total" "$OUT/$name.log" | grep -v "^\s*$" | tail -14
+}
+if [ "$PART" = all ] || [ "$PART" = tests ]; then
+  step "GPU tests (one GPU)"
+  run gpu_tests_1gpu 240 python3 -m pytest -q -s -m gpu tests/gpu -k "not split and not one_shot and not closes" -p no:cacheprovider
+fi
+if [ "$PART" = all ] || [ "$PART" = decode ]; then
+  for burst in 8 1 16; do
+    batches=1,8,32,64,128; [ $burst = 16 ] && batches=1,64
+    step "8B decode, decode_burst $burst"
+    run decode_8b_tp1_burst$burst 200 python3 bench/gpu_decode.py --preset llama-3-8b --batches $batches \
+      --decode-burst $burst --out "$OUT/decode_8b_tp1_burst$burst.json"
+  done
+fi
+if [ "$PART" = all ] || [ "$PART" = rest ]; then
+  step "transformers generate, same shape"
+  run hf_baseline_8b 240 python3 bench/hf_baseline.py --preset llama-3-8b --batches 1,8,64 --out "$OUT/hf_baseline_8b.json"
+  step "the mesh: router + stage worker, gRPC streams"
+  run mesh_8b_tp1 200 python3 bench/gpu_mesh.py --preset llama-3-8b --batches 1,8,32,64,128 --out "$OUT/mesh_8b_tp1.json"
+  step "kernel profile, batch 1 and 64"
+  run profile_8b 150 python3 bench/profile_decode.py --preset llama-3-8b --batches 1,64
+fi
 step "done"
