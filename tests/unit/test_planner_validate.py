@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from trellis.planner.hardware import cluster_from_args
 from trellis.planner.layout import Layout
 from trellis.planner.machine import machine_for
 from trellis.planner.model import load_model
-from trellis.planner.validate import load_results, predict
+from trellis.planner.validate import BenchRun, load_results, predict
 
 RUN = {
     "format": "trellis-bench/1",
@@ -85,3 +86,15 @@ def test_bad_results_are_one_clear_error(tmp_path: Path, change: dict, message: 
     f.write_text(json.dumps({**RUN, **change}))
     with pytest.raises(PlanError, match=message):
         load_results([str(f)])
+
+
+def test_the_runs_engine_settings_reach_the_cost() -> None:
+    cal = replace(default_calibration(), step_overhead_s=1e-3, step_overhead_per_seq_s=0.0)
+    config = {**RUN["config"], "max_batched_tokens": None}  # left unset, as the mesh records do
+    plain = predict(BenchRun("plain", config, {}), cal)
+    burst = predict(BenchRun("burst", {**config, "decode_burst": 8}, {}), cal)
+    # One request: every decode step pays 1 ms of host time per plan, or 1/8 of it in bursts of 8.
+    assert plain["tpot_s"] - burst["tpot_s"] == pytest.approx(7 / 8 * 1e-3)
+    assert plain["ttft_s"] == pytest.approx(burst["ttft_s"])  # the prompt step is a plan of its own
+    one_shot = predict(BenchRun("one-shot", {**config, "one_shot_max_bytes": 1 << 20}, {}), cal)
+    assert one_shot == plain  # the default calibration measured no one-shot kernel: NCCL stands

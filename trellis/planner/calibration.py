@@ -5,18 +5,27 @@ reads it with ``--calibration FILE``. Without one, the defaults below are figure
 H200s joined by NVLink and on one H100. The file's shape (see docs/planner.md)::
 
     {"format": "trellis-calibration/1", "source": "what ran, where, when",
-     "gpus": {"h100-sxm": {"hbm_copy_bytes_per_s": 3.02e12, "matmul_bf16_flops_per_s": 7.9e14}},
+     "gpus": {"h100-sxm": {"hbm_copy_bytes_per_s": 3.02e12, "matmul_bf16_flops_per_s": 7.9e14,
+                           "prefill_flops_per_s": 3.7e14}},
      "links": {"nvlink": {"gpu": "h200",
-                          "allreduce": [{"bytes": 16384, "gpus": 2, "eager_s": 3.4e-5, "graph_s": 2.0e-5}],
+                          "allreduce": [{"bytes": 16384, "gpus": 2, "eager_s": 3.4e-5, "graph_s": 2.0e-5,
+                                         "one_shot_eager_s": 4.0e-5, "one_shot_graph_s": 7.8e-6}],
                           "nccl_send": {"bytes": 67108864, "seconds": 2.02e-4},
                           "ucx": {"small_bytes": 16384, "small_round_trip_s": 1.5e-4,
                                   "large_bytes": 67108864, "large_one_way_s": 4.5e-4}}},
-     "step_overhead_s": 0.0}
+     "step_overhead_s": 0.0, "step_overhead_per_seq_s": 0.0, "layer_graph_s": 0.0, "layer_eager_s": 0.0}
 
 ``hbm_copy_bytes_per_s`` counts read + write: a device copy of N bytes moves 2N bytes, so it is
 reported as 2N / time. A weight read moves N bytes, so the same figure is the effective rate for
-reading weights and KV (bytes read / this = time). ``step_overhead_s`` is the fixed host cost of
-one step (scheduling, launches) that the benchmarks measure; until they do it is 0.
+reading weights and KV (bytes read / this = time). ``prefill_flops_per_s`` is the rate a step that
+carries prompt tokens (eager, not in a CUDA graph) reaches on the whole model, fitted from measured
+TTFTs; without it such steps run at the GEMM rate.
+
+The software constants (0 until measured; bench/report_gpu.py fits them, docs/planner.md says how):
+``step_overhead_s`` + ``step_overhead_per_seq_s`` x sequences is the host time per plan a stage
+spends (scheduling, metadata, sampling); ``layer_graph_s`` and ``layer_eager_s`` are the GPU time
+per decoder layer that no byte or FLOP count explains (the small kernels: norms, rotary, KV store,
+activation, attention's launch-bound floor, and the gaps between them), in a CUDA graph and eager.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 from trellis.planner.errors import PlanError
 
 FORMAT = "trellis-calibration/1"
+SOFTWARE_CONSTANTS = ("step_overhead_s", "step_overhead_per_seq_s", "layer_graph_s", "layer_eager_s")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class AllReducePoint:
     gpus: int
     eager_s: float
     graph_s: float | None = None  # the same all-reduce captured in a CUDA graph
+    one_shot_eager_s: float | None = None  # the one-shot peer-memory kernel, where measured
+    one_shot_graph_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,18 +64,22 @@ class LinkCalibration:
     ucx_large_bytes: int
     ucx_large_one_way_s: float
 
-    def allreduce_fit(self) -> tuple[float, float, float]:
-        """(eager latency, graph latency, bus bandwidth) from the smallest and largest points.
+    def allreduce_bus_bytes_per_s(self) -> float:
+        """The bus bandwidth past the measured sizes: the best rate any point reached, which is the
+        largest all-reduce's (an all-reduce of S bytes over n GPUs moves 2(n-1)/n x S per GPU)."""
+        return max(
+            _bus_bytes(p) / t
+            for p in self.allreduce
+            for t in (p.eager_s, p.graph_s, p.one_shot_eager_s, p.one_shot_graph_s)
+            if t
+        )
 
-        An all-reduce of S bytes over n GPUs moves 2(n-1)/n x S per GPU (the bus bytes), so
-        time = latency + bus bytes / bus bandwidth.
-        """
-        small = min(self.allreduce, key=lambda p: p.bytes)
-        large = max(self.allreduce, key=lambda p: p.bytes)
-        bus_bw = _bus_bytes(large) / large.eager_s
-        eager = max(0.0, small.eager_s - _bus_bytes(small) / bus_bw)
-        graph = eager if small.graph_s is None else max(0.0, small.graph_s - _bus_bytes(small) / bus_bw)
-        return eager, graph, bus_bw
+    def allreduce_points(self, gpus: int) -> tuple[AllReducePoint, ...]:
+        """The points of the measured GPU count nearest ``gpus`` (the largest one not above it)."""
+        counts = sorted({p.gpus for p in self.allreduce})
+        below = [n for n in counts if n <= gpus]
+        n = below[-1] if below else counts[0]
+        return tuple(p for p in self.allreduce if p.gpus == n)
 
     def ucx_fit(self) -> tuple[float, float]:
         """(one-way latency, bandwidth) of a UCX GPU-to-GPU send."""
@@ -80,6 +96,7 @@ def _bus_bytes(p: AllReducePoint) -> float:
 class GpuCalibration:
     hbm_copy_bytes_per_s: float | None = None  # read + write counted (see the module doc)
     matmul_bf16_flops_per_s: float | None = None  # dense bf16 GEMM, large shapes
+    prefill_flops_per_s: float | None = None  # a step carrying prompt tokens, whole model, bf16
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,9 @@ class Calibration:
     gpus: Mapping[str, GpuCalibration]
     links: Mapping[str, LinkCalibration]
     step_overhead_s: float = 0.0
+    step_overhead_per_seq_s: float = 0.0
+    layer_graph_s: float = 0.0
+    layer_eager_s: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +132,7 @@ class Calibration:
             "source": self.source,
             "gpus": {k: gpu(v) for k, v in self.gpus.items()},
             "links": {k: link(v) for k, v in self.links.items()},
-            "step_overhead_s": self.step_overhead_s,
+            **{k: getattr(self, k) for k in SOFTWARE_CONSTANTS},
             **dict(self.extra),
         }
 
@@ -171,16 +191,22 @@ def parse_calibration(raw: Any, where: str = "calibration") -> Calibration:
             matmul_bf16_flops_per_s=_pos(
                 f"{where}.gpus.{name}.matmul_bf16_flops_per_s", g.get("matmul_bf16_flops_per_s")
             ),
+            prefill_flops_per_s=_pos(
+                f"{where}.gpus.{name}.prefill_flops_per_s", g.get("prefill_flops_per_s")
+            ),
         )
     links = {
         kind: _link(f"{where}.links.{kind}", c)
         for kind, c in _obj(f"{where}.links", raw.get("links", {})).items()
     }
     default = default_calibration()
-    known = {"format", "source", "gpus", "links", "step_overhead_s"}
-    overhead = raw.get("step_overhead_s", 0.0)
-    if isinstance(overhead, bool) or not isinstance(overhead, int | float) or overhead < 0:
-        raise PlanError(f"{where}.step_overhead_s: expected a number >= 0, got {overhead!r}")
+    known = {"format", "source", "gpus", "links", *SOFTWARE_CONSTANTS}
+    constants = {}
+    for key in SOFTWARE_CONSTANTS:
+        v = raw.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise PlanError(f"{where}.{key}: expected a number >= 0, got {v!r}")
+        constants[key] = float(v)
     return Calibration(
         source=str(raw.get("source", where)),
         # What the file does not measure keeps its default.
@@ -188,7 +214,7 @@ def parse_calibration(raw: Any, where: str = "calibration") -> Calibration:
             {**default.gpus, **{k: _merged(default.gpus.get(k), g) for k, g in gpus.items()}}
         ),
         links=MappingProxyType({**default.links, **links}),
-        step_overhead_s=float(overhead),
+        **constants,
         extra=MappingProxyType({k: v for k, v in raw.items() if k not in known}),
     )
 
@@ -199,6 +225,7 @@ def _merged(default: GpuCalibration | None, measured: GpuCalibration) -> GpuCali
     return GpuCalibration(
         hbm_copy_bytes_per_s=measured.hbm_copy_bytes_per_s or default.hbm_copy_bytes_per_s,
         matmul_bf16_flops_per_s=measured.matmul_bf16_flops_per_s or default.matmul_bf16_flops_per_s,
+        prefill_flops_per_s=measured.prefill_flops_per_s or default.prefill_flops_per_s,
     )
 
 
@@ -233,6 +260,8 @@ def _link(where: str, raw: Any) -> LinkCalibration:
                 gpus,
                 _pos(f"{where}.allreduce[{i}].eager_s", p.get("eager_s"), True),
                 _pos(f"{where}.allreduce[{i}].graph_s", p.get("graph_s")),
+                _pos(f"{where}.allreduce[{i}].one_shot_eager_s", p.get("one_shot_eager_s")),
+                _pos(f"{where}.allreduce[{i}].one_shot_graph_s", p.get("one_shot_graph_s")),
             )
         )
     send = _obj(f"{where}.nccl_send", c.get("nccl_send"))

@@ -2,13 +2,21 @@
 
 A stage's step time is
 
-    max(bytes read / HBM bandwidth, FLOPs / peak) + TP all-reduces + host overhead
+    max(bytes read / HBM bandwidth, FLOPs / rate) + layers x per-layer time + TP all-reduces + host
 
-where the bytes read are the stage's weights (once per step, whatever the batch) plus the KV
-cache its attention reads, and the FLOPs are 2 x parameters per token plus attention's
-4 x heads x head_dim per (query, key) pair. Each layer does two all-reduces (after attention and
-after the MLP) of tokens x hidden x 2 bytes. A hop sends each rank's 1/TP slice of the hidden
-states to the next stage over the link between them (UCX), which all-gathers them.
+* The bytes read are the stage's weights (once per step, whatever the batch) plus the KV cache its
+  attention reads. The FLOPs are 2 x parameters per token plus attention's 4 x heads x head_dim
+  per (query, key) pair; a decode step runs them at the GEMM rate, a step carrying prompt tokens
+  (eager, not a CUDA graph) at the prefill rate measured on whole prompts.
+* The per-layer time is what no byte or FLOP count explains: a layer's dozen small kernels and
+  the gaps between them, measured separately in a CUDA graph and eager.
+* Each layer does two all-reduces (after attention and after the MLP), each one call of
+  rows x hidden x 2 bytes however many rows the step has, timed from the measured table.
+* The host time is per plan: a fixed part plus a part per sequence in the step. A decode burst of
+  k steps runs from one plan, so its decode steps pay 1/k of it each.
+
+A hop sends each rank's 1/TP slice of the hidden states to the next stage over the link between
+them (UCX), which all-gathers them.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
+from trellis.planner.allreduce import AllReduceCost
 from trellis.planner.layout import Layout
 from trellis.planner.machine import LinkModel, Machine
 from trellis.planner.memory import stage_weight_bytes
@@ -28,27 +37,54 @@ class StageCost:
     layers: int
     weight_read_s: float  # the stage's weights (its TP slice), read once per step
     kv_read_s_per_token: float  # per token of context that attention reads
-    linear_s_per_token: float  # 2 x linear parameters (per GPU) / FLOP/s
-    attn_s_per_pair: float  # attention FLOPs per (query, key) pair / FLOP/s
-    head_s_per_sample: float  # the LM head, per sampled token (last stage only)
+    linear_flops_per_token: float  # 2 x linear parameters (per GPU)
+    attn_flops_per_pair: float  # attention FLOPs per (query, key) pair (per GPU)
+    head_flops_per_sample: float  # the LM head, per sampled token (last stage only)
+    decode_flops_per_s: float  # GEMM rate: decode steps (CUDA graph)
+    prefill_flops_per_s: float  # achieved rate of steps that carry prompt tokens (eager)
+    layer_graph_s: float  # per layer, beyond bytes, FLOPs and all-reduces, in a CUDA graph
+    layer_eager_s: float  # the same, eager
     allreduces: int  # 2 per layer when TP > 1
-    allreduce_graph_s: float  # latency of one all-reduce, in a CUDA graph (decode-only steps)
-    allreduce_eager_s: float  # latency of one all-reduce, eager (steps with prefill)
-    allreduce_s_per_token: float  # bytes of one token's hidden state over the bus bandwidth
-    overhead_s: float
+    allreduce: AllReduceCost | None  # one call, by its size in bytes
+    hidden_bytes: int  # one row of hidden states: an all-reduce of a step moves rows x this
+    overhead_s: float  # host time per plan ...
+    overhead_s_per_seq: float  # ... and per sequence sampled in the step
+    decode_burst: int = 1  # decode steps run from one plan
 
     def time(self, tokens: float, kv_reads: float, pairs: float, samples: float, graph: bool) -> float:
+        # The sum of ``parts`` (max of memory and compute), inlined: the simulator calls this every step.
         memory = self.weight_read_s + self.kv_read_s_per_token * kv_reads
-        compute = (
-            self.linear_s_per_token * tokens + self.attn_s_per_pair * pairs + self.head_s_per_sample * samples
+        flops = (
+            self.linear_flops_per_token * tokens
+            + self.attn_flops_per_pair * pairs
+            + self.head_flops_per_sample * samples
         )
-        return max(memory, compute) + self.comm(tokens, graph) + self.overhead_s
+        host = self.overhead_s + self.overhead_s_per_seq * samples
+        if graph:
+            t = max(memory, flops / self.decode_flops_per_s) + self.layers * self.layer_graph_s
+            t += host / self.decode_burst
+        else:
+            t = max(memory, flops / self.prefill_flops_per_s) + self.layers * self.layer_eager_s + host
+        if self.allreduce is not None:
+            t += self.allreduces * self.allreduce.seconds(tokens * self.hidden_bytes, graph)
+        return t
+
+    def compute(self, tokens: float, pairs: float, samples: float, graph: bool) -> float:
+        flops = (
+            self.linear_flops_per_token * tokens
+            + self.attn_flops_per_pair * pairs
+            + self.head_flops_per_sample * samples
+        )
+        return flops / (self.decode_flops_per_s if graph else self.prefill_flops_per_s)
 
     def comm(self, tokens: float, graph: bool) -> float:
-        if not self.allreduces:
+        if self.allreduce is None:
             return 0.0
-        latency = self.allreduce_graph_s if graph else self.allreduce_eager_s
-        return self.allreduces * (latency + self.allreduce_s_per_token * tokens)
+        return self.allreduces * self.allreduce.seconds(tokens * self.hidden_bytes, graph)
+
+    def host(self, samples: float, graph: bool) -> float:
+        per_plan = self.overhead_s + self.overhead_s_per_seq * samples
+        return per_plan / self.decode_burst if graph else per_plan
 
     def parts(
         self, tokens: float, kv_reads: float, pairs: float, samples: float, graph: bool
@@ -57,11 +93,10 @@ class StageCost:
         return {
             "weights": self.weight_read_s,
             "kv": self.kv_read_s_per_token * kv_reads,
-            "compute": self.linear_s_per_token * tokens
-            + self.attn_s_per_pair * pairs
-            + self.head_s_per_sample * samples,
+            "compute": self.compute(tokens, pairs, samples, graph),
+            "layers": self.layers * (self.layer_graph_s if graph else self.layer_eager_s),
             "allreduce": self.comm(tokens, graph),
-            "overhead": self.overhead_s,
+            "overhead": self.host(samples, graph),
         }
 
 
@@ -71,19 +106,16 @@ class HopCost:
 
     crosses_nodes: bool
     latency_s: float
-    s_per_token: float  # UCX bytes per rank (the 1/TP slice), then the receiver's all-gather
-    gather_graph_s: float
-    gather_eager_s: float
+    s_per_token: float  # UCX: each rank's 1/TP slice of a row (sampled ids: 4 bytes)
+    gather: AllReduceCost | None  # the receiving stage all-gathers the slices
+    gather_bytes_per_token: int  # a whole row of hidden states
     to_head: bool  # sampled ids: 4 bytes per sample, no all-gather
 
     def time(self, tokens: float, graph: bool) -> float:
-        if self.to_head:
-            return self.latency_s + self.s_per_token * tokens
-        return (
-            self.latency_s
-            + self.s_per_token * tokens
-            + (self.gather_graph_s if graph else self.gather_eager_s)
-        )
+        t = self.latency_s + self.s_per_token * tokens
+        if self.gather is not None:
+            t += self.gather.gather_seconds(tokens * self.gather_bytes_per_token, graph)
+        return t
 
 
 @dataclass(frozen=True)
@@ -118,12 +150,21 @@ class ReplicaCost:
 
 
 def replica_cost(
-    model: ModelShape, layout: Layout, machine: Machine, weight_dtype: str, kv_bytes: int
+    model: ModelShape,
+    layout: Layout,
+    machine: Machine,
+    weight_dtype: str,
+    kv_bytes: int,
+    decode_burst: int = 1,
+    one_shot_max_bytes: int = 0,
 ) -> ReplicaCost:
+    """The costs of one replica; ``decode_burst`` and ``one_shot_max_bytes`` are the engine's settings."""
     tp = layout.tp
     flops = machine.flops(weight_dtype)
+    prefill_flops = machine.prefill_flops(weight_dtype)
     hbm = machine.hbm_bytes_per_s
     tp_link = machine.inter if layout.tp_spans_nodes() else machine.intra
+    allreduce = tp_link.allreduce(tp, one_shot_max_bytes) if tp > 1 else None
     hidden_bytes = model.hidden * ACTIVATION_BYTES
     stages, hops = [], []
     for j, (a, b) in enumerate(layout.stage_layers):
@@ -132,44 +173,42 @@ def replica_cost(
         weights = stage_weight_bytes(model, weight_dtype, (a, b), tp, layout.pp, first, last)
         if first:  # an embedding lookup reads only the rows it needs
             weights -= -(-model.vocab // tp) * model.hidden * ACTIVATION_BYTES
-        linear = 2 * n * model.layer_linear_params() / tp
         q_heads = model.heads // tp
         stages.append(
             StageCost(
                 layers=n,
                 weight_read_s=weights / hbm,
                 kv_read_s_per_token=model.kv_bytes_per_token(kv_bytes, n, tp) / hbm,
-                linear_s_per_token=linear / flops,
-                attn_s_per_pair=4 * n * q_heads * model.head_dim / flops,
-                head_s_per_sample=(2 * -(-model.vocab // tp) * model.hidden / flops) if last else 0.0,
+                linear_flops_per_token=2 * n * model.layer_linear_params() / tp,
+                attn_flops_per_pair=4 * n * q_heads * model.head_dim,
+                head_flops_per_sample=2 * -(-model.vocab // tp) * model.hidden if last else 0.0,
+                decode_flops_per_s=flops,
+                prefill_flops_per_s=prefill_flops,
+                layer_graph_s=machine.layer_graph_s,
+                layer_eager_s=machine.layer_eager_s,
                 allreduces=2 * n if tp > 1 else 0,
-                allreduce_graph_s=tp_link.allreduce_s(0, tp, True) if tp > 1 else 0.0,
-                allreduce_eager_s=tp_link.allreduce_s(0, tp, False) if tp > 1 else 0.0,
-                allreduce_s_per_token=tp_link.allreduce_s(hidden_bytes, tp, True)
-                - tp_link.allreduce_s(0, tp, True),
+                allreduce=allreduce,
+                hidden_bytes=hidden_bytes,
                 overhead_s=machine.step_overhead_s,
+                overhead_s_per_seq=machine.step_overhead_per_seq_s,
+                decode_burst=decode_burst,
             )
         )
         crosses = layout.hop_crosses_nodes(j)
         link: LinkModel = machine.inter if crosses else machine.intra
         if layout.pp == 1:  # the stage samples and schedules itself: no hop at all
-            hops.append(HopCost(False, 0.0, 0.0, 0.0, 0.0, True))
+            hops.append(HopCost(False, 0.0, 0.0, None, 0, True))
         elif last:
-            hops.append(HopCost(crosses, link.p2p_latency_s, 4 / link.p2p_bytes_per_s, 0.0, 0.0, True))
+            hops.append(HopCost(crosses, link.p2p_latency_s, 4 / link.p2p_bytes_per_s, None, 0, True))
         else:
             gather_link = machine.inter if layout.tp_spans_nodes() else machine.intra
             hops.append(
                 HopCost(
                     crosses,
                     link.p2p_latency_s,
-                    hidden_bytes / tp / link.p2p_bytes_per_s
-                    + (
-                        (tp - 1) / tp * hidden_bytes / gather_link.allreduce_bus_bytes_per_s
-                        if tp > 1
-                        else 0.0
-                    ),
-                    gather_link.allgather_s(0, tp, True),
-                    gather_link.allgather_s(0, tp, False),
+                    hidden_bytes / tp / link.p2p_bytes_per_s,
+                    gather_link.allreduce(tp) if tp > 1 else None,
+                    hidden_bytes,
                     False,
                 )
             )

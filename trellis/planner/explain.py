@@ -8,12 +8,13 @@ from trellis.planner.analytic import Point
 from trellis.planner.cost import ReplicaCost
 from trellis.planner.search import Candidate, Plan
 
-PARTS = ("weights", "kv", "compute", "allreduce", "hops", "overhead", "pipeline", "prefill")
+PARTS = ("weights", "kv", "compute", "layers", "allreduce", "hops", "overhead", "pipeline", "prefill")
 PART_NAMES = MappingProxyType(
     {
         "weights": "reading weights",
         "kv": "reading the KV cache",
         "compute": "matmul compute",
+        "layers": "per-layer small kernels",
         "allreduce": "TP all-reduces",
         "hops": "PP hops",
         "overhead": "host overhead",
@@ -27,8 +28,8 @@ def decode_breakdown(
     cost: ReplicaCost, point: Point, prompt_mean: float, output_mean: float
 ) -> dict[str, float]:
     """TPOT split into parts: a decode-only round trip (each stage's max(memory, compute) shown as
-    whichever wins, plus its all-reduces), the hops, the wait for the slowest stage, and the
-    stretch that prompts riding in some steps add."""
+    whichever wins, plus its per-layer time, all-reduces and host time), the hops, the wait for
+    the slowest stage, and the stretch that prompts riding in some steps add."""
     b = point.concurrency / point.micro_batches
     ctx = prompt_mean + output_mean / 2
     out = dict.fromkeys(PARTS, 0.0)

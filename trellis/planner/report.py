@@ -137,16 +137,31 @@ def _decode_lines(plan: Plan, c: Candidate) -> list[str]:
         f"  compute       {b:.1f} tokens x (2 x params + attention) / {fl:.0f} TFLOP/s = "
         f"{_ms(parts['compute'])} ({hidden} the memory time)",
     ]
-    if slow.allreduces:
+    if parts["layers"]:
         lines.append(
-            f"  all-reduce    {slow.allreduces} x ({slow.allreduce_graph_s * 1e6:.0f} us + {b:.1f} tokens x "
-            f"{plan.model.hidden * 2:,} B x 2({lay.tp}-1)/{lay.tp} / bus) = {_ms(parts['allreduce'])}"
+            f"  per layer     {n} layers x {parts['layers'] / n * 1e6:.1f} us of small kernels = "
+            f"{_ms(parts['layers'])}"
         )
-    step = max(mem, parts["compute"]) + parts["allreduce"] + parts["overhead"]
-    lines.append(
-        f"  stage step    max(memory, compute) + all-reduce{' + overhead' if parts['overhead'] else ''}"
-        f" = {_ms(step)}"
-    )
+    if slow.allreduce is not None:
+        size = b * slow.hidden_bytes
+        lines.append(
+            f"  all-reduce    {slow.allreduces} x {parts['allreduce'] / slow.allreduces * 1e6:.1f} us "
+            f"(one call of {b:.1f} rows x {slow.hidden_bytes:,} B = {size / 1024:,.0f} KB, measured table)"
+            f" = {_ms(parts['allreduce'])}"
+        )
+    if parts["overhead"]:
+        lines.append(
+            f"  host          {_ms(slow.overhead_s)} + {b:.1f} seqs x {slow.overhead_s_per_seq * 1e6:.0f} us"
+            f" per plan{f' / {slow.decode_burst} steps' if slow.decode_burst > 1 else ''} = "
+            f"{_ms(parts['overhead'])}"
+        )
+    step = max(mem, parts["compute"]) + parts["layers"] + parts["allreduce"] + parts["overhead"]
+    extras = [
+        name
+        for name, key in (("per layer", "layers"), ("all-reduce", "allreduce"), ("host", "overhead"))
+        if parts[key]
+    ]
+    lines.append(f"  stage step    max(memory, compute){''.join(' + ' + e for e in extras)} = {_ms(step)}")
     if lay.pp > 1:
         lines.append(
             f"  round trip    {lay.pp} stages + {lay.pp} hops ({_ms(bd['hops'])} of hops) = {_ms(p.trip_s)};"

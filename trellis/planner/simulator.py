@@ -19,14 +19,17 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from trellis.planner.cost import ReplicaCost
 from trellis.planner.errors import PlanError
+from trellis.planner.sim_result import SimResult
 from trellis.planner.workload import Requests
+
+__all__ = ["SimConfig", "SimResult", "simulate"]
 
 _RETURN, _TO_DECODE, _ARRIVE = 0, 1, 2
 
@@ -42,70 +45,10 @@ class SimConfig:
     kv_move_s_per_token: float = 0.0
 
 
-@dataclass(frozen=True)
-class SimResult:
-    arrival: np.ndarray
-    first: np.ndarray  # time of the first token
-    finish: np.ndarray
-    prompt: np.ndarray
-    output: np.ndarray
-    makespan_s: float
-    wall_s: float  # the simulator's own run time
-    steps: int
-    busy_fraction: float  # stage-time busy over stage-time available
-    kv_peak_fraction: float
-
-    @property
-    def ttft(self) -> np.ndarray:
-        return self.first - self.arrival
-
-    @property
-    def tpot(self) -> np.ndarray:
-        many = self.output > 1
-        return (self.finish[many] - self.first[many]) / (self.output[many] - 1)
-
-    def summary(self) -> dict[str, Any]:
-        ttft, tpot = self.ttft, self.tpot
-
-        def pct(a: np.ndarray) -> dict[str, float]:
-            if not len(a):
-                return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-            p50, p90, p99 = np.percentile(a, [50, 90, 99])
-            return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
-
-        tokens_s = self._steady_tokens_per_s()
-        return {
-            "requests": len(self.arrival),
-            "makespan_s": self.makespan_s,
-            "wall_s": self.wall_s,
-            "steps": self.steps,
-            "ttft_s": pct(ttft),
-            "tpot_s": pct(tpot),
-            "throughput_req_s": tokens_s / float(self.output.mean()),
-            "output_tok_s": tokens_s,
-            "busy_fraction": self.busy_fraction,
-            "kv_peak_fraction": self.kv_peak_fraction,
-        }
-
-    def _steady_tokens_per_s(self) -> float:
-        """Output tokens per second in the steady window: from one mean request lifetime after the
-        first arrival (the warm-up) to the last arrival (then the load drains). A request's tokens
-        after the first are spread evenly between its first token and its end. A batch that all
-        arrives at once has no such window: it is measured over the makespan."""
-        start, stop = float(self.arrival.min()), float(self.arrival.max())
-        warm = start + min(0.5 * (stop - start), float((self.finish - self.arrival).mean()))
-        if stop - warm <= 0:
-            return float(self.output.sum()) / self.makespan_s if self.makespan_s else 0.0
-        span = np.maximum(self.finish - self.first, 1e-12)
-        inside = np.clip(np.minimum(self.finish, stop) - np.maximum(self.first, warm), 0.0, None) / span
-        firsts = (self.first >= warm) & (self.first <= stop)
-        return float((inside * (self.output - 1)).sum() + firsts.sum()) / (stop - warm)
-
-
 class _Group:
     """One micro-batch slot of a replica."""
 
-    __slots__ = ("ctx", "done", "finish", "k", "n_dec", "nseq", "pf_left", "prefilling")
+    __slots__ = ("ctx", "done", "finish", "k", "last", "n_dec", "nseq", "pf_left", "prefilling")
 
     def __init__(self) -> None:
         self.n_dec = 0  # sequences decoding
@@ -116,6 +59,7 @@ class _Group:
         self.pf_left = 0  # prompt tokens still to prefill
         self.nseq = 0
         self.done: list[int] = []  # prompts that complete in the step in flight
+        self.last = 0.0  # when its previous step came back: its decoding sequences' last token
 
 
 class _Replica:
@@ -154,14 +98,20 @@ class _Pool:
         heapq.heappush(self.heap, (self.load[i], i))
 
 
-def simulate(cost: ReplicaCost, cfg: SimConfig, reqs: Requests, clients: int | None = None) -> SimResult:
-    """Replay ``reqs`` (open loop at their arrival times, or closed loop with ``clients`` in flight)."""
-    return _Sim(cost, cfg, reqs, clients).run()
+def simulate(
+    cost: ReplicaCost, cfg: SimConfig, reqs: Requests, clients: int | None = None, gaps: bool = False
+) -> SimResult:
+    """Replay ``reqs`` (open loop at their arrival times, or closed loop with ``clients`` in flight);
+    ``gaps`` records every decode step's token gaps (co-located replicas) for ``steady_tpot``."""
+    return _Sim(cost, cfg, reqs, clients, gaps).run()
 
 
 class _Sim:
-    def __init__(self, cost: ReplicaCost, cfg: SimConfig, reqs: Requests, clients: int | None) -> None:
+    def __init__(
+        self, cost: ReplicaCost, cfg: SimConfig, reqs: Requests, clients: int | None, gaps: bool
+    ) -> None:
         n = len(reqs)
+        self.gaps: list[tuple[float, float, int]] | None = [] if gaps else None
         self.cfg, self.clients = cfg, clients
         self.prompt = [int(x) for x in reqs.prompt]
         self.output = [int(x) for x in reqs.output]
@@ -177,8 +127,9 @@ class _Sim:
         classes = list(dict.fromkeys(cost.stages))
         self.classes = classes
         self.cls = [classes.index(s) for s in cost.stages]
+        # HopCost.time, unpacked: it runs for every stage of every step.
         self.hops = [
-            (h.latency_s, h.s_per_token, h.gather_graph_s, h.gather_eager_s, h.to_head) for h in cost.hops
+            (h.latency_s, h.s_per_token, h.gather, h.gather_bytes_per_token, h.to_head) for h in cost.hops
         ]
         m = cost.pp
         self.group_seqs = min(-(-cfg.max_seqs // m), cfg.max_batched_tokens)
@@ -206,16 +157,17 @@ class _Sim:
         events, arrival = self.events, self.arrival
         opened = 0  # open loop: requests already arrived
         if self.clients is not None:
-            for rid in range(min(self.clients, n)):
-                self._push(0.0, _ARRIVE, rid)
+            self._arrive(range(min(self.clients, n)), 0.0)
             self.issued = min(self.clients, n)
             opened = n
         inf = float("inf")
         while True:
             t_next = events[0][0] if events else inf
             if opened < n and arrival[opened] <= t_next:
-                self._arrive(opened, arrival[opened])
-                opened += 1
+                t, first = arrival[opened], opened
+                while opened < n and arrival[opened] == t:
+                    opened += 1
+                self._arrive(range(first, opened), t)
                 continue
             if not events:
                 break
@@ -229,18 +181,28 @@ class _Sim:
                 self._wake(rep, t)
             else:
                 arrival[a] = t
-                self._arrive(a, t)
+                self._arrive((a,), t)
         return self._result(time.perf_counter() - wall)
 
-    def _arrive(self, rid: int, t: float) -> None:
-        rep = self.replicas[self.front.pick()]
-        self.front.add(rep.index, 1)
-        rep.waiting.append(rid)
-        self._wake(rep, t)
+    def _arrive(self, rids: Iterable[int], t: float) -> None:
+        """Requests arriving at one instant all queue before any micro-batch starts: the engine
+        schedules a batch submitted at once together."""
+        woken: dict[int, _Replica] = {}
+        for rid in rids:
+            rep = self.replicas[self.front.pick()]
+            self.front.add(rep.index, 1)
+            rep.waiting.append(rid)
+            woken[rep.index] = rep
+        for rep in woken.values():
+            self._wake(rep, t)
 
     def _wake(self, rep: _Replica, t: float) -> None:
-        if rep.idle:
-            self._start(rep, rep.idle.pop(), t)
+        """Start idle micro-batches while there is work to admit (each takes what fits)."""
+        while rep.idle and (rep.waiting or rep.ready):
+            gi = rep.idle.pop()
+            self._start(rep, gi, t)
+            if rep.idle and rep.idle[-1] == gi:
+                break  # it could admit nothing (no KV room): neither could the others
 
     def _start(self, rep: _Replica, gi: int, t: float) -> None:
         """Form the group's next step at the head and send it through the stages."""
@@ -310,11 +272,13 @@ class _Sim:
             t += s
             free[j] = t
             busy += s
-            lat, per, gg, ge, to_head = self.hops[j]
+            lat, per, gather, row_bytes, to_head = self.hops[j]
             if to_head:
                 t += lat + per * samples
             else:
-                t += lat + per * tokens + (gg if graph else ge)
+                t += lat + per * tokens
+                if gather is not None:
+                    t += gather.gather_seconds(tokens * row_bytes, graph)
         rep.busy += busy
         self._push(t, _RETURN, rep.index, gi)
 
@@ -323,6 +287,9 @@ class _Sim:
         prompt, output = self.prompt, self.output
         if g.n_dec:
             g.ctx += g.n_dec
+            if self.gaps is not None:
+                self.gaps.append((g.last, t, g.n_dec))
+        g.last = t
         g.k += 1
         ending = g.finish.pop(g.k, None)
         if ending:
@@ -378,4 +345,5 @@ class _Sim:
             self.steps,
             busy,
             self.kv_peak / self.cfg.kv_tokens if self.cfg.kv_tokens else 0.0,
+            None if self.gaps is None else np.array(self.gaps, dtype=float).reshape(-1, 3),
         )

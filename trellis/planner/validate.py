@@ -9,9 +9,12 @@ A result file (JSON, format ``trellis-bench/1``) holds one run, or ``{"runs": [.
      "measured": {"decode_tok_s": 1580.0, "ttft_s": 0.41, "tpot_s": 0.0203}}
 
 ``batch`` requests per replica start together (a closed batch). ``ttft_s`` is their mean time to
-first token, ``tpot_s`` their mean time per output token after the first, ``decode_tok_s`` the
-output tokens per second of the whole deployment while they decode (dp x batch / tpot). Any
-measured figure may be left out. The prediction replays the same batch through the simulator.
+first token, ``tpot_s`` the mean gap between a request's consecutive tokens once every request has
+its first token (steady decoding), ``decode_tok_s`` the output tokens per second of the whole
+deployment while they decode (dp x batch / tpot). Any measured figure may be left out. The engine
+settings ``max_batched_tokens`` (default 2048), ``decode_burst`` (1) and ``one_shot_max_bytes`` (0)
+are optional. The prediction replays the same batch through the simulator, every request arriving
+at once, and takes the same steady TPOT from it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trellis.planner.calibration import Calibration
-from trellis.planner.cost import replica_cost
+from trellis.planner.cost import ReplicaCost, replica_cost
 from trellis.planner.errors import PlanError
 from trellis.planner.hardware import cluster_from_args
 from trellis.planner.layout import Layout, split_layers
@@ -53,15 +56,20 @@ def load_results(paths: list[str]) -> list[BenchRun]:
             raise PlanError(f"{path}: cannot read the result ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path}: not valid JSON ({e})") from None
-        items = raw.get("runs") if isinstance(raw, dict) and "runs" in raw else [raw]
-        if not isinstance(items, list):
-            raise PlanError(f"{path}.runs: expected a list of runs")
-        for i, item in enumerate(items):
-            where = f"{path}" + (f".runs[{i}]" if len(items) > 1 else "")
-            runs.append(
-                _run(where, item, default_format=raw.get("format") if isinstance(raw, dict) else None)
-            )
+        runs += parse_results(raw, path)
     return runs
+
+
+def parse_results(raw: Any, where: str = "results") -> list[BenchRun]:
+    """The runs of one result file's JSON: one run, or ``{"runs": [...]}``."""
+    items = raw.get("runs") if isinstance(raw, dict) and "runs" in raw else [raw]
+    if not isinstance(items, list):
+        raise PlanError(f"{where}.runs: expected a list of runs")
+    default_format = raw.get("format") if isinstance(raw, dict) else None
+    return [
+        _run(where + (f".runs[{i}]" if len(items) > 1 else ""), item, default_format)
+        for i, item in enumerate(items)
+    ]
 
 
 def _run(where: str, raw: Any, default_format: str | None) -> BenchRun:
@@ -85,12 +93,15 @@ def _run(where: str, raw: Any, default_format: str | None) -> BenchRun:
         isinstance(measured.get(k, 0.0), int | float) for k in METRICS
     ):
         raise PlanError(f"{where}.measured: expected numbers for {', '.join(METRICS)}")
-    return BenchRun(
-        str(raw.get("name", where)), config, {k: float(measured[k]) for k in METRICS if k in measured}
-    )
+    # Figures beyond METRICS (e.g. graph_replay_s, which the calibration fits read) are kept too.
+    numbers = {
+        k: float(v) for k, v in measured.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return BenchRun(str(raw.get("name", where)), config, numbers)
 
 
-def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
+def run_cost(run: BenchRun, calibration: Calibration) -> tuple[ReplicaCost, SimConfig]:
+    """The run's replica as the planner costs it, and the simulator settings that replay its batch."""
     cfg = run.config
     model = load_model(str(cfg["model"]))
     dtype = str(cfg.get("dtype", "bf16"))
@@ -104,7 +115,7 @@ def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
     if problem or pp > model.layers:
         raise PlanError(f"{run.name}: {problem or f'PP {pp} exceeds the {model.layers} layers'}")
     layout = Layout(tp, pp, dp, per_node, split_layers(model.layers, pp))
-    tokens = int(cfg.get("max_batched_tokens", 2048))
+    tokens = int(cfg.get("max_batched_tokens") or 2048)
     budget = Budget(
         cluster.gpu.memory_bytes,
         float(cfg.get("gpu_memory_utilization", 0.85)),
@@ -115,12 +126,27 @@ def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
         prompt + output,
     )
     mem = replica_memory(model, layout, budget)
-    cost = replica_cost(model, layout, machine_for(cluster, calibration), dtype, 2)
-    workload = Workload(Lengths("fixed", prompt), Lengths("fixed", output))
-    reqs = sample_requests(workload, batch, seed=0)
+    cost = replica_cost(
+        model,
+        layout,
+        machine_for(cluster, calibration),
+        dtype,
+        2,
+        decode_burst=int(cfg.get("decode_burst") or 1),
+        one_shot_max_bytes=int(cfg.get("one_shot_max_bytes") or 0),
+    )
     # The run did hold the batch, so KV room is at least what the batch needed.
-    sim = simulate(cost, SimConfig(1, max(mem.kv_tokens, batch * (prompt + output)), batch, tokens), reqs)
-    tpot = float(sim.tpot.mean()) if output > 1 else 0.0
+    return cost, SimConfig(1, max(mem.kv_tokens, batch * (prompt + output)), batch, tokens)
+
+
+def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
+    cfg = run.config
+    dp, batch, output = cfg["dp"], cfg["batch"], cfg["output_len"]
+    cost, sim_config = run_cost(run, calibration)
+    workload = Workload(Lengths("fixed", cfg["prompt_len"]), Lengths("fixed", output))
+    sim = simulate(cost, sim_config, sample_requests(workload, batch, seed=0), gaps=True)
+    # The benchmarks' TPOT: the mean gap once every request has its first token (bench/gpu_common.py).
+    tpot = sim.steady_tpot if output > 1 else 0.0
     return {
         "ttft_s": float(sim.ttft.mean()),
         "tpot_s": tpot,
