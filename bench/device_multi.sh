@@ -26,6 +26,9 @@ if want comm; then
     step "all-reduce on $n GPUs"
     run allreduce_${n}gpu 100 python3 -m torch.distributed.run --nproc-per-node $n bench/allreduce.py --out "$OUT/allreduce_${n}gpu.json"
   done
+  step "transformers generate on GPU 0 (the baseline, median of 3)"
+  CUDA_VISIBLE_DEVICES=0 run hf_baseline_8b 200 python3 bench/hf_baseline.py --preset llama-3-8b --batches 1,8,64 \
+    --out "$OUT/hf_baseline_8b.json"
   step "UCX handoff GPU0 -> GPU1"
   UCXPY_PROGRESS_MODE=polling run ucx_handoff 60 python3 bench/ucx_handoff.py --src-gpu 0 --dst-gpu 1 --out "$OUT/ucx_handoff_gpu.json"
 fi

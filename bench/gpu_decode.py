@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument(
         "--one-shot-max-bytes", type=int, default=0, help="TP all-reduces up to this size over peer memory"
     )
+    ap.add_argument(
+        "--max-in-flight", type=int, default=None, help="micro-batches in flight with PP (default: stages)"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -89,12 +92,16 @@ def main() -> None:
             cuda_graphs=not args.no_graphs,
             one_shot_max_bytes=args.one_shot_max_bytes,
             decode_burst=args.decode_burst,
+            max_in_flight=args.max_in_flight,
         )
     )
     say(f"engine up in {time.perf_counter() - t0:.1f}s; {engine.num_blocks} KV blocks")
-    suffix = ("-oneshot" if args.one_shot_max_bytes else "") + (
-        f"-burst{args.decode_burst}" if args.decode_burst > 1 else ""
+    suffix = (
+        ("-oneshot" if args.one_shot_max_bytes else "")
+        + (f"-burst{args.decode_burst}" if args.decode_burst > 1 else "")
+        + (f"-inflight{args.max_in_flight}" if args.max_in_flight else "")
     )
+    in_flight = args.max_in_flight or args.pp
     rng = random.Random(0)
     vocab = engine.cfg.vocab_size
     engine.generate(
@@ -103,9 +110,13 @@ def main() -> None:
     runs = []
     for b in batches:
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(b)]
+        busy_before = engine.stage_busy_seconds()
         start = time.perf_counter()
         outs = engine.generate(prompts, SamplingParams(max_tokens=args.output_len, ignore_eos=True))
         end = max(o.token_times[-1] for o in outs)
+        busy = [b - a for a, b in zip(busy_before, engine.stage_busy_seconds(), strict=True)]
+        # Over the whole run (prefill and decode): the share of stage-time the pipeline left idle.
+        bubble = engine.bubble_fraction([0.0] * len(busy), busy, end - start)
         ttft = statistics.mean(o.token_times[0] - o.submitted_at for o in outs)
         tpot = steady_tpot([o.token_times for o in outs])
         mean_ctx = args.prompt_len + args.output_len / 2
@@ -123,7 +134,11 @@ def main() -> None:
             throughput=b * args.output_len / (end - start),
             max_batched_tokens=args.max_batched_tokens,
             decode_burst=args.decode_burst,
+            one_shot_max_bytes=args.one_shot_max_bytes,
+            max_in_flight=in_flight,
         )
+        run["measured"]["stage_busy_s"] = busy
+        run["measured"]["bubble"] = bubble
         run["roofline"] = {
             "tpot_s": roof_tpot,
             "decode_tok_s": b / roof_tpot,
@@ -136,6 +151,7 @@ def main() -> None:
             f"decode {b / tpot:9.1f} tok/s  "
             f"roofline {b / roof_tpot:9.1f} tok/s ({100 * roof_tpot / tpot:5.1f}%)  "
             f"throughput {run['measured']['throughput_tok_s']:9.1f} tok/s"
+            + (f"  bubble {100 * bubble:4.1f}% ({in_flight} in flight)" if args.pp > 1 else "")
         )
     if args.tp == 1 and args.pp == 1 and not args.no_graphs:
         replay = graph_step_ms(engine, batches)
