@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.stage_worker.layout import split_layers
 from services.stage_worker.model.config import load_model_config
-from trellis.net import free_ports
+from trellis.net import free_port_runs
 from trellis.spec import DeploySpec, EngineSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 
 
@@ -31,7 +31,9 @@ def local_spec(
     else:
         cfg = load_model_config(model_path)
     layers = split_layers(cfg.num_hidden_layers, stages)
-    ports = iter(free_ports(1 + replicas * stages * 3))
+    # Per stage: control, UCX (TP rank r of a multi-stage replica listens on ucx_port + r), rendezvous.
+    ucx_run = tp if stages > 1 else 1
+    ports = iter(free_port_runs([1] + [1, ucx_run, 1] * (replicas * stages)))
     router = RouterSpec(port=router_port or next(ports), max_queue=max_queue)
     gpu = iter(range(replicas * stages * tp))
     reps = []

@@ -42,7 +42,10 @@ class StageSpec:
     gpus: tuple[int, ...] = ()  # one CUDA device index per TP rank, when device is cuda
     host: str = "127.0.0.1"
     port: int = 0  # gRPC control API of the stage leader
-    ucx_port: int = 0  # UCX listener of the stage leader (activations in, sampled ids for a head)
+    # UCX listener of the stage leader (activations in, sampled ids for a head). In a replica of
+    # several stages, TP rank r also listens on ucx_port + r for its 1/tp slice of the hidden states
+    # (from rank r of the previous stage): the stage takes ports ucx_port .. ucx_port + tp - 1.
+    ucx_port: int = 0
     dist_port: int = 0  # torch.distributed rendezvous of the stage's TP group
 
 
@@ -141,6 +144,23 @@ class DeploySpec:
                     check_parallel(cfg, st.tp, st.layers)
                 except ModelError as e:
                     raise SpecError(f"replicas[{i}].stages[{j}].tp: {e}") from None
+        self.check_handoff(cfg.hidden_size)
+
+    def check_handoff(self, hidden_size: int) -> None:
+        """Between stages each TP rank hands its 1/tp slice of the hidden states to the same rank of
+        the next stage: every stage of a replica needs the same tp, and tp must divide hidden_size."""
+        from services.stage_worker.handoff import sliced_handoff_problem
+
+        for i, rep in enumerate(self.replicas):
+            tp = rep.stages[0].tp
+            for j, st in enumerate(rep.stages):
+                if st.tp != tp:
+                    raise SpecError(
+                        f"replicas[{i}].stages[{j}].tp: {st.tp}, but stage 0 has {tp}: every stage of a "
+                        "replica needs the same TP size (rank r hands its slice to rank r)"
+                    )
+            if len(rep.stages) > 1 and (problem := sliced_handoff_problem(hidden_size, tp)):
+                raise SpecError(f"replicas[{i}].stages[0].tp: {problem}")
 
 
 def balanced_layers(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
@@ -356,6 +376,11 @@ def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
             w = f"replicas[{i}].stages[{j}]"
             claim(st.host, st.port, f"{w}.port")
             claim(st.host, st.ucx_port, f"{w}.ucx_port")
+            if st.ucx_port and len(rep.stages) > 1:  # TP rank r's own UCX port (StageSpec.ucx_port)
+                if (last := st.ucx_port + st.tp - 1) > 65535:
+                    raise SpecError(f"{w}.ucx_port: TP rank {st.tp - 1} listens on {last}, past 65535")
+                for r in range(1, st.tp):
+                    claim(st.host, st.ucx_port + r, f"{w}.ucx_port (+{r}: TP rank {r}'s UCX port)")
             claim(st.host, st.dist_port, f"{w}.dist_port")
 
 

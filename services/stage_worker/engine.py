@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from services.stage_worker.busy import bubble_fraction
 from services.stage_worker.executor import StageExecutor
+from services.stage_worker.handoff import HandoffError, sliced_handoff_problem
 from services.stage_worker.head import Head, ReplicaFailed, ring_handshake
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.layout import default_num_blocks, split_layers
@@ -30,6 +32,7 @@ from services.stage_worker.rank import model_config
 from services.stage_worker.scheduler import Scheduler, SchedulerConfig
 from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
+from trellis.net import free_ports
 from trellis.transport import ucx
 from trellis.transport.ucx import Listener, connect
 
@@ -62,6 +65,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.85
     one_shot_max_bytes: int = 0  # TP all-reduces up to this size over peer memory (0: NCCL only)
     decode_burst: int = 1  # greedy decode steps per plan when nobody waits (one stage only)
+    max_in_flight: int | None = None  # micro-batches in flight; default the number of stages (pp)
 
 
 @dataclass
@@ -120,10 +124,14 @@ class Engine:
             self.stage_layers = split_layers(self.cfg.num_hidden_layers, args.pp)
             for layers in self.stage_layers:
                 check_parallel(self.cfg, args.tp, layers)
+            if args.pp > 1 and (problem := sliced_handoff_problem(self.cfg.hidden_size, args.tp)):
+                raise ModelError(problem)
             if args.load_format != "dummy":
                 check_weight_files(args.model)
         except ModelError as e:
             raise EngineError(str(e)) from None
+        if args.max_in_flight is not None and args.max_in_flight < 1:
+            raise EngineError(f"max_in_flight must be >= 1, got {args.max_in_flight}")
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
         if args.num_blocks is not None:
             self.num_blocks = args.num_blocks
@@ -138,12 +146,13 @@ class Engine:
             )
         self._log = log.get()
         self._procs: list[subprocess.Popen] = []
+        self._ucx_ports: list[tuple[int, ...]] = []  # per stage: where each TP rank listens
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
         try:
             self._call(self._start_watched())
-        except ModelError as e:  # e.g. a tensor of the wrong shape, found while loading
+        except (ModelError, HandoffError) as e:  # e.g. a tensor of the wrong shape, found while loading
             self.close()
             raise EngineError(str(e)) from None
         except BaseException:
@@ -175,6 +184,9 @@ class Engine:
             max_num_seqs=a.max_num_seqs,
             gpu_memory_utilization=a.gpu_memory_utilization,
             one_shot_max_bytes=a.one_shot_max_bytes,
+            ucx_ports=self._ucx_ports[stage],
+            next_host="127.0.0.1",
+            next_ucx_ports=self._ucx_ports[(stage + 1) % a.pp],
         )
 
     async def _start_watched(self) -> None:
@@ -192,7 +204,11 @@ class Engine:
 
     async def _start(self) -> None:
         a = self.args
-        ports = [_free_port() for _ in range(a.pp)]
+        # Each stage leader's ring port, then (sliced hand-off) one port per peer rank.
+        ranks = a.tp if a.tp > 1 and a.pp > 1 else 1
+        flat = iter(free_ports(a.pp * ranks))
+        self._ucx_ports = [tuple(next(flat) for _ in range(ranks)) for _ in range(a.pp)]
+        ports = [p[0] for p in self._ucx_ports]
         listener = Listener(ports[0], torch.device("cpu")) if a.pp > 1 else None
         try:
             await self._link_ring(ports, listener)
@@ -227,6 +243,7 @@ class Engine:
         if a.pp > 1:
             outbound = await connect("127.0.0.1", ports[1], self.executor.ctx.device, timeout=LINK_TIMEOUT_S)
             inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
+            await self.executor.peers_linked()
         self.num_blocks = await ring_handshake(self.executor, outbound, inbound, LINK_TIMEOUT_S)
         sched = Scheduler(
             SchedulerConfig(
@@ -237,7 +254,7 @@ class Engine:
                 max_model_len=self.max_model_len,
                 eos_token_ids=self.cfg.eos_token_ids,
                 enable_prefix_caching=a.enable_prefix_caching,
-                max_in_flight=a.pp,
+                max_in_flight=a.max_in_flight or a.pp,
                 max_decode_burst=a.decode_burst,
             )
         )
@@ -288,6 +305,20 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ---- pipeline bubble -----------------------------------------------------------------------
+    def stage_busy_seconds(self) -> list[float]:
+        """Each stage's compute seconds so far (stage 0 first), over the steps that came back: a
+        monotone snapshot; diff two of them, with the wall time between, for an interval's bubble."""
+        return self._call(self._busy_snapshot())
+
+    async def _busy_snapshot(self) -> list[float]:
+        return self.head.stage_busy.snapshot()
+
+    @staticmethod
+    def bubble_fraction(busy_before: Sequence[float], busy_after: Sequence[float], wall_s: float) -> float:
+        """1 - sum(busy of all stages) / (num_stages * wall) between two stage_busy_seconds() snapshots."""
+        return bubble_fraction(busy_before, busy_after, wall_s)
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(

@@ -9,14 +9,22 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
+from services.stage_worker.handoff import HandoffError, column_slice, sliced_handoff_problem
 from services.stage_worker.launch import StageLaunch
+from services.stage_worker.model.errors import ModelError
 from services.stage_worker.plan import StepPlan, StepResult
 from services.stage_worker.rank import RankContext, start_rank, stop_rank
+from trellis import log
 from trellis.rpc.plan_codec import encode_plan
+
+PEER_POLL_S = 0.5
+STOP_TIMEOUT_S = 30.0
 
 
 def spawn_peers(launch: StageLaunch) -> list[subprocess.Popen]:
@@ -37,6 +45,20 @@ def spawn_peers(launch: StageLaunch) -> list[subprocess.Popen]:
     ]
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """One plan's output on the leader: the last stage's result, or the hidden states to pass on.
+
+    With the sliced hand-off `value` is only rank 0's columns; `shape` is of the whole hidden states
+    and `slices` says how many column slices make it. `busy_s` is the plan's compute time here,
+    from its start on the compute thread to the device sync after its last kernel."""
+
+    value: torch.Tensor | StepResult
+    busy_s: float
+    shape: tuple[int, ...] = ()
+    slices: int = 1
+
+
 class StageExecutor:
     """Leader-side: broadcast each plan to the peers, then run it on rank 0."""
 
@@ -49,33 +71,81 @@ class StageExecutor:
     async def start(self) -> None:
         self._peers = spawn_peers(self.launch)
         self.ctx = await self._call(start_rank, self.launch, 0)
+        if self.launch.sliced_handoff:
+            problem = sliced_handoff_problem(self.ctx.cfg.hidden_size, self.launch.tp)
+            if problem:
+                raise ModelError(problem)
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
-        return await self._call(self.run_sync, plan, hidden)
+    async def peers_linked(self) -> None:
+        """Wait until every TP peer has its UCX links to the neighbouring stages (sliced hand-off);
+        raises HandoffError if one could not link."""
+        if self.launch.sliced_handoff and not await self._call(self.ctx.control.all_linked, True):
+            raise HandoffError(
+                f"a TP peer of stage {self.launch.stage} could not link to its neighbouring stages; "
+                "its log says why"
+            )
 
-    def run_sync(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
-        ctx = self.ctx
+    async def run(self, plan: StepPlan, received: torch.Tensor | None) -> StageOutput:
+        return await self._call(self.run_sync, plan, received)
+
+    def run_sync(self, plan: StepPlan, received: torch.Tensor | None) -> StageOutput:
+        """`received`: the hidden states from the previous stage (rank 0's slice of them with the
+        sliced hand-off), None on the first stage."""
+        start = time.perf_counter()
+        ctx, launch = self.ctx, self.launch
+        hidden = received
         if ctx.control.tp > 1:
-            ctx.control.send(encode_plan(plan), hidden)
-        return ctx.runner.execute(plan, hidden)  # the runner attaches logits when the plan asks
+            shape = None if received is None else (received.shape[0], received.shape[1] * launch.slices)
+            ctx.control.send(encode_plan(plan), shape)
+            if received is not None:
+                hidden = ctx.control.gather_columns(received)
+        out = ctx.runner.execute(plan, hidden)  # the runner attaches logits when the plan asks
+        if isinstance(out, StepResult):
+            return StageOutput(out, self._synced_since(start))
+        shape = tuple(out.shape)
+        if launch.sliced_handoff:
+            out = column_slice(out, 0, launch.tp)
+        return StageOutput(out, self._synced_since(start), shape, launch.slices)
+
+    def _synced_since(self, start: float) -> float:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)  # the output is sent next: it must be complete
+        return time.perf_counter() - start
 
     def peers_alive(self) -> bool:
         return all(p.poll() is None for p in self._peers)
 
+    async def watch_peers(self) -> str:
+        """Return (with why) when a TP peer exits; never with one rank. A collective with a dead
+        peer may hang (NCCL), so the leader must not wait for its compute thread to notice."""
+        while True:
+            for rank, p in enumerate(self._peers, start=1):
+                if p.poll() is not None:
+                    return f"TP rank {rank} of stage {self.launch.stage} exited with code {p.returncode}"
+            await asyncio.sleep(PEER_POLL_S)
+
     async def stop(self) -> None:
-        if self.ctx is not None:
-            await self._call(self._stop_sync)
+        told = False  # whether the peers were told to stop (and so will exit on their own)
+        if self.ctx is not None and self.peers_alive():
+            try:
+                await asyncio.wait_for(self._call(self._stop_sync), STOP_TIMEOUT_S)
+                told = True
+            except Exception as e:  # a peer went away meanwhile; the peers are reaped below
+                log.get().warning("stage stop", error=str(e) or type(e).__name__)
+        elif self.ctx is not None:  # no collective completes without every peer: leave the thread
+            log.get().warning("a TP peer is gone; the stage stops without telling the others")
         for p in self._peers:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=STOP_TIMEOUT_S if told else 1.0)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         self._pool.shutdown(wait=False)
 
     def _stop_sync(self) -> None:
         self.ctx.control.stop()
-        stop_rank(self.ctx)
+        stop_rank()
         self.ctx = None

@@ -1,8 +1,10 @@
 """The head stage's driver: schedule, run the head's layers, keep the pipeline full, collect tokens.
 
-With PP stages it keeps up to PP micro-batches in flight, so no stage idles while the others
-work: a new micro-batch is scheduled (from sequences not already in flight) as soon as one
-returns. Everything that touches the scheduler runs on the event loop, one coroutine at a time.
+With PP stages it keeps up to PP micro-batches in flight (the scheduler's max_in_flight), so no
+stage idles while the others work: a new micro-batch is scheduled (from sequences not already in
+flight) as soon as one returns. Everything that touches the scheduler runs on the event loop, one
+coroutine at a time. Each returning step brings every stage's busy seconds (`stage_busy`), from which
+a benchmark gets the pipeline bubble.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from services.stage_worker.busy import StageBusy
 from services.stage_worker.executor import StageExecutor
+from services.stage_worker.handoff import payload_tensor
 from services.stage_worker.plan import SamplingParams, StepResult
 from services.stage_worker.scheduler import Scheduler
-from services.stage_worker.stage_loop import payload_tensor
+from services.stage_worker.stage_loop import send_output
 from trellis import log
 from trellis.rpc import pipe
 from trellis.transport.ucx import Link, LinkClosed
@@ -106,6 +110,7 @@ class Head:
         self._receiver: asyncio.Task | None = None
         self.steps = 0
         self.generated_tokens = 0
+        self.stage_busy = StageBusy(num_stages)
         self._log = log.get()
 
     # ---- requests --------------------------------------------------------------------------
@@ -141,6 +146,21 @@ class Head:
     # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
         receiver = self._receiver = asyncio.create_task(self._receive()) if self.num_stages > 1 else None
+        driver = asyncio.create_task(self._drive())
+        watchdog = asyncio.create_task(self.executor.watch_peers())
+        try:
+            done, _ = await asyncio.wait({driver, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if watchdog in done:  # the compute thread may be stuck in a collective with the dead peer
+                driver.cancel()
+                self._fail(ReplicaFailed(watchdog.result()))
+            else:
+                driver.result()
+        finally:
+            for task in (receiver, driver, watchdog):
+                if task is not None:
+                    task.cancel()
+
+    async def _drive(self) -> None:
         try:
             while not self._stopping:
                 if await self._fill_pipeline() and self._events.empty():
@@ -157,28 +177,21 @@ class Head:
                     event = self._events.get_nowait()
         except (LinkClosed, RuntimeError) as e:
             self._fail(e)
-        finally:
-            if receiver is not None:
-                receiver.cancel()
 
     async def _fill_pipeline(self) -> bool:
-        """Schedule micro-batches until PP are in flight or nothing can run; True if any ran."""
+        """Schedule micro-batches until max_in_flight are out or nothing can run; True if any ran."""
         ran = False
-        while self.scheduler.num_in_flight() < self.num_stages:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                break
+        while (plan := self.scheduler.schedule()) is not None:
             ran = True
             if self.return_logits:
                 plan = dataclasses.replace(plan, return_logits=True)
             out = await self.executor.run(plan, None)
             self.steps += 1
             if self.num_stages == 1:
-                self._complete(out)
+                self.stage_busy.add((out.busy_s,))
+                self._complete(out.value)
             else:
-                await self.outbound.send(
-                    pipe.encode(pipe.Activations(plan, self.executor.launch.dtype, tuple(out.shape))), out
-                )
+                await send_output(self.outbound, plan, out, self.executor.launch.dtype, ())
         return ran
 
     async def _receive(self) -> None:
@@ -186,14 +199,16 @@ class Head:
             while True:
                 header, payload = await self.inbound.recv()
                 msg = pipe.decode(header)
-                if isinstance(msg, StepResult):
+                if isinstance(msg, pipe.Result):
+                    self.stage_busy.add(msg.stage_busy_s)
+                    result = msg.result
                     if payload is not None:
-                        n = len(msg.seq_ids)
-                        msg = dataclasses.replace(
-                            msg,
+                        n = len(result.seq_ids)
+                        result = dataclasses.replace(
+                            result,
                             logits=payload_tensor(payload, "float32", (n, payload.numel() // 4 // max(n, 1))),
                         )
-                    self._events.put_nowait(msg)
+                    self._events.put_nowait(result)
                 elif isinstance(msg, pipe.PipeError):
                     self._events.put_nowait(ReplicaFailed(f"a stage failed: {msg.message}"))
                     return
@@ -201,6 +216,8 @@ class Head:
                     return
         except LinkClosed as e:
             self._events.put_nowait(ReplicaFailed(f"the last stage is unreachable: {e}"))
+        except ValueError as e:  # a result that does not fit this ring (e.g. a stage time missing)
+            self._events.put_nowait(ReplicaFailed(f"the last stage sent a bad result: {e}"))
 
     def _complete(self, result: StepResult) -> None:
         rows = {sid: i for i, sid in enumerate(result.seq_ids)} if result.logits is not None else {}

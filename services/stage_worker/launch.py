@@ -29,6 +29,12 @@ class StageLaunch:
     max_num_seqs: int = 256  # the largest decode batch, hence the largest graph
     gpu_memory_utilization: float = 0.85
     one_shot_max_bytes: int = 0  # all-reduces up to this size over peer memory (0: NCCL only)
+    # The sliced hand-off (TP > 1, several stages): rank r listens on ucx_ports[r] for its slice
+    # from the previous stage (not on the first stage), and sends its slice of the output to
+    # next_host:next_ucx_ports[r] (not on the last stage). Index 0 is the leader's own link.
+    ucx_ports: tuple[int, ...] = ()
+    next_host: str = ""
+    next_ucx_ports: tuple[int, ...] = ()
 
     @property
     def is_first(self) -> bool:
@@ -38,6 +44,17 @@ class StageLaunch:
     def is_last(self) -> bool:
         return self.stage == self.num_stages - 1
 
+    @property
+    def sliced_handoff(self) -> bool:
+        """Each TP rank hands its 1/tp column slice of the hidden states to the same rank of the
+        next stage (instead of the leader sending all of it)."""
+        return self.tp > 1 and self.num_stages > 1
+
+    @property
+    def slices(self) -> int:
+        """Column slices of the hidden states on the wire between stages."""
+        return self.tp if self.sliced_handoff else 1
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -45,5 +62,6 @@ class StageLaunch:
     def from_json(cls, text: str) -> StageLaunch:
         raw = json.loads(text)
         raw["layers"] = tuple(raw["layers"])
-        raw["gpus"] = tuple(raw["gpus"])
+        for name in ("gpus", "ucx_ports", "next_ucx_ports"):
+            raw[name] = tuple(raw[name])
         return cls(**raw)

@@ -1,6 +1,10 @@
 """A TP peer (rank > 0) of a stage: runs whatever plan its leader broadcasts, until told to stop.
 
 python -m services.stage_worker.peer --rank R --launch '<StageLaunch JSON>'
+
+With several stages the peer also moves its own slice of the hidden states (handoff.py): for each
+plan, in the order its leader broadcasts them, it receives its slice from rank R of the previous
+stage, the TP group all-gathers, and after the layers it sends its slice on to rank R of the next.
 """
 
 from __future__ import annotations
@@ -10,11 +14,56 @@ import os
 import signal
 import sys
 
+from services.stage_worker.handoff import HandoffError, column_slice
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.model.errors import ModelError
-from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung, start_rank, stop_rank
+from services.stage_worker.peer_links import PeerLinks
+from services.stage_worker.rank import (
+    RankContext,
+    die_with_parent,
+    dump_stacks_if_hung,
+    start_rank,
+    stop_rank,
+)
+from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
 from trellis.rpc.plan_codec import decode_plan
+from trellis.transport.ucx import LinkClosed
+
+
+def exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: an NCCL communicator left to exit must not block it
+
+
+def open_links(ctx: RankContext, rank: int) -> PeerLinks | None:
+    """This rank's links to the neighbouring stages, once every rank of the stage has its own."""
+    if not ctx.launch.sliced_handoff:
+        return None
+    links = PeerLinks(ctx.launch, rank, ctx.device)
+    try:
+        links.open(LINK_TIMEOUT_S)
+    except (LinkClosed, TimeoutError) as e:
+        log.get().error("peer cannot link to its neighbouring stages", error=str(e) or "timed out")
+        ctx.control.all_linked(False)  # the leader fails the stage with a clear message
+        exit_now(1)
+    ctx.control.all_linked(True)
+    return links
+
+
+def serve(ctx: RankContext, rank: int, links: PeerLinks | None) -> None:
+    tp = ctx.launch.tp
+    while (msg := ctx.control.recv()) is not None:
+        header, hidden_shape = msg
+        plan = decode_plan(header)
+        hidden = None
+        if hidden_shape is not None:  # the plan's input: this rank's slice came on its own link
+            rows, cols = hidden_shape
+            hidden = ctx.control.gather_columns(links.recv_slice(plan.step_id, (rows, cols // tp)))
+        out = ctx.runner.execute(plan, hidden)
+        if links is not None and links.outbound is not None:
+            links.send_slice(plan.step_id, column_slice(out, rank, tp))
 
 
 def main() -> None:
@@ -33,15 +82,24 @@ def main() -> None:
     except ModelError as e:  # its leader reports the stage as failed; one line here, no traceback
         logger.error("rank failed to start", error=str(e))
         sys.exit(1)
+    links = open_links(ctx, args.rank)
     logger.info("peer ready", layers=list(launch.layers))
-    while (msg := ctx.control.recv()) is not None:
-        header, hidden = msg
-        ctx.runner.execute(decode_plan(header), hidden)
-    logger.info("peer stopping")
-    stop_rank(ctx)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown: an NCCL communicator left to exit must not block it
+    try:
+        serve(ctx, args.rank, links)
+    except (LinkClosed, TimeoutError, HandoffError) as e:  # the ring is broken: its leader fails it
+        logger.error("peer hand-off failed", error=str(e) or "timed out")
+        exit_now(1)
+    moved = {}  # what this rank's own links carried: 1/tp of the hidden states of every plan
+    if links is not None:
+        moved = {
+            "slices_received": links.slices_received,
+            "slice_bytes_received": links.bytes_received,
+            "slice_bytes_sent": links.bytes_sent,
+        }
+        links.close()
+    logger.info("peer stopping", **moved)
+    stop_rank()
+    exit_now(0)
 
 
 if __name__ == "__main__":

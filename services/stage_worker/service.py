@@ -28,7 +28,7 @@ from services.stage_worker.stage_loop import serve_stage
 from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
 from trellis.registry import Member, ReplicaLoad, open_registry
-from trellis.spec import DeploySpec, SpecError
+from trellis.spec import DeploySpec, SpecError, StageSpec
 from trellis.transport.ucx import Link, LinkClosed, Listener, connect
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 
@@ -39,6 +39,7 @@ LOAD_REPORT_S = 0.5
 def launch_from_spec(spec: DeploySpec, replica: int, stage: int) -> StageLaunch:
     rep = spec.replicas[replica]
     st = rep.stages[stage]
+    nxt = rep.stages[(stage + 1) % len(rep.stages)]
     where = f"replicas[{replica}].stages[{stage}]"
     for name in ("port", "ucx_port"):
         if getattr(st, name) == 0:
@@ -95,7 +96,16 @@ def launch_from_spec(spec: DeploySpec, replica: int, stage: int) -> StageLaunch:
         max_model_len=max_len,
         max_num_seqs=spec.engine.max_num_seqs,
         gpu_memory_utilization=spec.engine.gpu_memory_utilization,
+        ucx_ports=rank_ucx_ports(st, len(rep.stages)),
+        next_host=nxt.host,
+        next_ucx_ports=rank_ucx_ports(nxt, len(rep.stages)),
     )
+
+
+def rank_ucx_ports(st: StageSpec, num_stages: int) -> tuple[int, ...]:
+    """Where each TP rank of a stage listens on UCX: rank r on ucx_port + r (trellis.spec), the
+    peers only in a replica of several stages (the sliced hand-off of the hidden states)."""
+    return tuple(st.ucx_port + r for r in range(st.tp if num_stages > 1 else 1))
 
 
 class StageService:
@@ -150,6 +160,7 @@ class StageService:
             s.in_flight_steps = self.head.scheduler.num_in_flight()
             s.steps = self.head.steps
             s.generated_tokens = self.head.generated_tokens
+            s.stage_busy_s.extend(self.head.stage_busy.snapshot())
         return s
 
     async def drain(self, timeout: float) -> bool:
@@ -185,6 +196,7 @@ class StageService:
                 )
                 inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
                 self._links = [outbound, inbound]
+                await self.executor.peers_linked()
             else:
                 outbound = inbound = None
             work = asyncio.create_task(self._serve(inbound, outbound))

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from services.stage_worker.executor import StageExecutor
+from services.stage_worker.handoff import HandoffError
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.model.errors import ModelError
 from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung
 from services.stage_worker.stage_loop import serve_stage
 from trellis import log
 from trellis.transport import ucx
-from trellis.transport.ucx import Listener, connect
+from trellis.transport.ucx import LinkClosed, Listener, connect
 
 LINK_TIMEOUT_S = 1800.0  # a successor may take long to load a large shard
 
 
-async def run_stage(launch: StageLaunch, listen_port: int, next_host: str, next_port: int) -> None:
+async def run_stage(launch: StageLaunch, listen_port: int, next_host: str, next_port: int) -> int:
+    """Serve until the ring stops; the exit code (0: stopped cleanly)."""
     logger = log.get()
     executor = StageExecutor(launch)
     await executor.start()
@@ -34,13 +37,18 @@ async def run_stage(launch: StageLaunch, listen_port: int, next_host: str, next_
     outbound = await connect(next_host, next_port, device, timeout=LINK_TIMEOUT_S)
     inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
     try:
+        await executor.peers_linked()
         reason = await serve_stage(executor, inbound, outbound)
         logger.info("stage stopped", reason=reason)
+    except LinkClosed as e:  # a neighbour went away (it failed, or the head gave up): one line
+        reason = f"ring broken: {e}"
+        logger.error("ring broken", error=str(e))
     finally:
         await executor.stop()
         await inbound.close()
         await outbound.close()
         listener.close()
+    return 0 if "shutdown" in reason else 1
 
 
 def main() -> None:
@@ -57,12 +65,16 @@ def main() -> None:
     log.configure("stage_worker", replica=launch.replica, stage=launch.stage, rank=0)
     host, port = args.next.rsplit(":", 1)
     try:
-        asyncio.run(run_stage(launch, args.listen_port, host, int(port)))
-    except ModelError as e:  # the head sees the stage exit and names it; one line here
+        code = asyncio.run(run_stage(launch, args.listen_port, host, int(port)))
+    except (ModelError, HandoffError) as e:  # the head sees the stage exit and names it; one line here
         log.get().error("stage failed to start", error=str(e))
         sys.exit(1)
     finally:
         ucx.shutdown()
+    if code:  # a failed stage's compute thread may be stuck in a collective: do not wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

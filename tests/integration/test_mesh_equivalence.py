@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.checkpoints import reference_generate
-from tests.mesh_fixtures import StreamResult, collect
+from tests.mesh_fixtures import StreamResult, collect, head_address, stage_stats
 from trellis.client import RouterClient
 from trellis.mesh import Mesh
 
@@ -54,3 +54,6 @@ def test_64_concurrent_greedy_streams_match_transformers(
     )
     assert [r.completion_tokens for r in results] == max_tokens
     assert {r.replica for r in results} == {"r0", "r1"}, "both replicas should have taken traffic"
+    for replica in ("r0", "r1"):  # every stage's compute time came back to the head with its steps
+        busy = stage_stats(head_address(serving_mesh, replica)).stage_busy_s
+        assert len(busy) == 2 and all(seconds > 0 for seconds in busy), (replica, list(busy))

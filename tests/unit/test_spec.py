@@ -21,8 +21,8 @@ def good() -> dict[str, Any]:
             {
                 "name": "r0",
                 "stages": [
-                    {"layers": [0, 2], "tp": 2, "port": 7000, "ucx_port": 7001, "dist_port": 7002},
-                    {"layers": [2, 4], "tp": 2, "port": 7010, "ucx_port": 7011, "dist_port": 7012},
+                    {"layers": [0, 2], "tp": 2, "port": 7000, "ucx_port": 7001, "dist_port": 7005},
+                    {"layers": [2, 4], "tp": 2, "port": 7010, "ucx_port": 7011, "dist_port": 7015},
                 ],
             },
             {"name": "r1", "role": "decode", "stages": [{"layers": [0, 4], "port": 7020, "ucx_port": 7021}]},
@@ -120,6 +120,18 @@ MALFORMED: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         lambda r: r["replicas"][0]["stages"][1].update(ucx_port=7001),
         "replicas[0].stages[1].ucx_port",
         "replicas[0].stages[0].ucx_port",
+    ),
+    (
+        "a TP rank's UCX port overlaps",  # rank 1 of stage 0 listens on ucx_port + 1 = 7002
+        lambda r: stage0(r).update(dist_port=7002),
+        "replicas[0].stages[0].dist_port",
+        "TP rank 1's UCX port",
+    ),
+    (
+        "a TP rank's UCX port out of range",
+        lambda r: stage0(r).update(ucx_port=65535),
+        "replicas[0].stages[0].ucx_port",
+        "past 65535",
     ),
     ("duplicate replica name", lambda r: r["replicas"][1].update(name="r0"), "replicas[1].name", "duplicate"),
     ("no stages", lambda r: r["replicas"][0].update(stages=[]), "replicas[0].stages", "non-empty"),
@@ -252,6 +264,25 @@ def test_check_model_names_the_field_the_model_does_not_fit(
     with pytest.raises(SpecError) as err:
         with_model(model_dir, change).check_model()
     assert str(err.value).startswith(f"{field}:") and words in str(err.value), str(err.value)
+
+
+def test_only_a_replica_of_several_stages_takes_a_port_per_tp_rank() -> None:
+    # One stage hands nothing on: its TP peers listen on no port, so ucx_port + 1 stays free.
+    raw = edited(lambda r: r["replicas"][1]["stages"][0].update(tp=2, dist_port=7022))
+    assert parse(raw).replicas[1].stages[0].tp == 2
+
+
+def test_check_model_wants_one_tp_size_per_replica(model_dir: Path) -> None:
+    spec = with_model(model_dir, lambda r: r["replicas"][0]["stages"][1].update(tp=1))
+    with pytest.raises(SpecError, match=r"^replicas\[0\]\.stages\[1\]\.tp: 1, but stage 0 has 2: .*same TP"):
+        spec.check_model()
+
+
+def test_check_model_wants_tp_to_split_the_hidden_states(tmp_path: Path) -> None:
+    # 8 heads of 8 dimensions over a residual stream of 65 columns: TP 2 splits the heads, not it.
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, "hidden_size": 65, "head_dim": 8}))
+    with pytest.raises(SpecError, match=r"^replicas\[0\]\.stages\[0\]\.tp: hidden_size 65 .* TP size 2"):
+        with_model(tmp_path).check_model()
 
 
 def test_check_model_names_a_missing_model(tmp_path: Path) -> None:

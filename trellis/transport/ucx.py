@@ -49,6 +49,9 @@ class Link:
         self._recv_device = recv_device
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
+        # Payload bytes moved so far (tensors, not headers): what the hand-off really carried.
+        self.payload_bytes_sent = 0
+        self.payload_bytes_received = 0
 
     async def send(self, header: bytes, payload: torch.Tensor | None = None) -> None:
         nbytes = 0 if payload is None else payload.numel() * payload.element_size()
@@ -65,6 +68,7 @@ class Link:
                     await self._ep.send(_as_buffer(payload))
             except Exception as e:  # ucxx raises its own error types
                 raise LinkClosed(f"send failed: {e}") from e
+            self.payload_bytes_sent += nbytes
 
     async def recv(self) -> tuple[bytes, torch.Tensor | None]:
         """The next frame: header bytes and the payload as a flat uint8 tensor (or None)."""
@@ -80,6 +84,7 @@ class Link:
                     await self._ep.recv(_as_buffer(payload))
             except Exception as e:
                 raise LinkClosed(f"receive failed: {e}") from e
+            self.payload_bytes_received += int(prefix[1])
         return header.tobytes(), payload
 
     @property

@@ -1,0 +1,42 @@
+"""Hidden states between pipeline stages, sliced by TP rank.
+
+After a stage's layers every TP rank holds the same hidden states [tokens, hidden] (row-parallel
+outputs are all-reduced), so rank r sends only columns [r * hidden / tp, (r + 1) * hidden / tp) to
+rank r of the next stage, over its own UCX link: tp times fewer bytes per link, and the tp links
+run side by side. The receiving TP group all-gathers the slices (`ControlChannel.gather_columns`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.stage_worker.rank import DTYPES
+
+
+class HandoffError(RuntimeError):
+    """The hand-off between two stages went out of step (a bug, or a stage of another layout)."""
+
+
+def sliced_handoff_problem(hidden_size: int, tp: int) -> str | None:
+    """Why `tp` ranks cannot slice hidden states of `hidden_size` columns (None: they can)."""
+    if tp > 1 and hidden_size % tp:
+        return (
+            f"hidden_size {hidden_size} is not a multiple of the TP size {tp}: each TP rank hands "
+            f"1/{tp} of the hidden states to the next stage"
+        )
+    return None
+
+
+def column_slice(hidden: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s columns of [tokens, hidden], as a tensor of its own (a send reads it whole).
+
+    Always a copy: with one token the columns would be a view of the runner's output buffer."""
+    width = hidden.shape[-1] // tp
+    return hidden[..., rank * width : (rank + 1) * width].clone(memory_format=torch.contiguous_format)
+
+
+def payload_tensor(payload: torch.Tensor | None, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A received raw payload (flat uint8, or None when empty) as a tensor of dtype and shape."""
+    if payload is None:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return payload.view(DTYPES[dtype]).view(shape)
