@@ -147,5 +147,5 @@ class StageExecutor:
 
     def _stop_sync(self) -> None:
         self.ctx.control.stop()
-        stop_rank()
+        stop_rank(self.ctx)
         self.ctx = None

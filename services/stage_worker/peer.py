@@ -98,7 +98,7 @@ def main() -> None:
         }
         links.close()
     logger.info("peer stopping", **moved)
-    stop_rank()
+    stop_rank(ctx)
     exit_now(0)
 
 
