@@ -26,13 +26,19 @@ The software constants (0 until measured; bench/report_gpu.py fits them, docs/pl
 spends (scheduling, metadata, sampling); ``layer_graph_s`` and ``layer_eager_s`` are the GPU time
 per decoder layer that no byte or FLOP count explains (the small kernels: norms, rotary, KV store,
 activation, attention's launch-bound floor, and the gaps between them), in a CUDA graph and eager.
+
+Software constants and links differ by machine (other kernel speeds, another host CPU, another
+NVLink), so a GPU section may carry its own: any of the four constants, and ``links`` shaped as the
+top-level one (``"gpus": {"h100-sxm": {"hbm_copy_bytes_per_s": ..., "layer_graph_s": ...,
+"links": {"nvlink": {...}}}}``). A plan for that GPU reads them in place of the top-level ones
+(``Calibration.for_gpu``); a GPU without its own keeps the top-level figures.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -92,11 +98,19 @@ def _bus_bytes(p: AllReducePoint) -> float:
     return 2 * (p.gpus - 1) / p.gpus * p.bytes
 
 
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class GpuCalibration:
     hbm_copy_bytes_per_s: float | None = None  # read + write counted (see the module doc)
     matmul_bf16_flops_per_s: float | None = None  # dense bf16 GEMM, large shapes
     prefill_flops_per_s: float | None = None  # a step carrying prompt tokens, whole model, bf16
+    # Measured on this GPU, in place of the top-level ones for a plan on it (SOFTWARE_CONSTANTS keys).
+    constants: Mapping[str, float] = field(default_factory=_empty)
+    links: Mapping[str, LinkCalibration] = field(default_factory=_empty)
+    extra: Mapping[str, Any] = field(default_factory=_empty)  # provenance notes, kept as written
 
 
 @dataclass(frozen=True)
@@ -108,36 +122,57 @@ class Calibration:
     step_overhead_per_seq_s: float = 0.0
     layer_graph_s: float = 0.0
     layer_eager_s: float = 0.0
-    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    extra: Mapping[str, Any] = field(default_factory=_empty)
+
+    def for_gpu(self, name: str) -> Calibration:
+        """The calibration a plan on GPU ``name`` reads: that GPU's own software constants and links
+        in place of the top-level ones. Its section keeps only the hardware figures, so calling this
+        again (or replacing a top-level constant afterwards, as the fits do) sees the GPU's figures."""
+        own = self.gpus.get(name)
+        if own is None or not (own.constants or own.links):
+            return self
+        gpus = {**self.gpus, name: replace(own, constants=_empty(), links=_empty())}
+        return replace(
+            self,
+            gpus=MappingProxyType(gpus),
+            links=MappingProxyType({**self.links, **own.links}),
+            **own.constants,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         def gpu(g: GpuCalibration) -> dict[str, Any]:
-            return {k: v for k, v in vars(g).items() if v is not None}
-
-        def link(c: LinkCalibration) -> dict[str, Any]:
-            return {
-                "gpu": c.gpu,
-                "allreduce": [{k: v for k, v in vars(p).items() if v is not None} for p in c.allreduce],
-                "nccl_send": {"bytes": c.nccl_send_bytes, "seconds": c.nccl_send_s},
-                "ucx": {
-                    "small_bytes": c.ucx_small_bytes,
-                    "small_round_trip_s": c.ucx_small_round_trip_s,
-                    "large_bytes": c.ucx_large_bytes,
-                    "large_one_way_s": c.ucx_large_one_way_s,
-                },
-            }
+            figures = {k: getattr(g, k) for k in _GPU_FIGURES if getattr(g, k) is not None}
+            own_links = {"links": {k: _link_dict(v) for k, v in g.links.items()}} if g.links else {}
+            return {**figures, **g.constants, **own_links, **g.extra}
 
         return {
             "format": FORMAT,
             "source": self.source,
             "gpus": {k: gpu(v) for k, v in self.gpus.items()},
-            "links": {k: link(v) for k, v in self.links.items()},
+            "links": {k: _link_dict(v) for k, v in self.links.items()},
             **{k: getattr(self, k) for k in SOFTWARE_CONSTANTS},
             **dict(self.extra),
         }
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_GPU_FIGURES = ("hbm_copy_bytes_per_s", "matmul_bf16_flops_per_s", "prefill_flops_per_s")
+
+
+def _link_dict(c: LinkCalibration) -> dict[str, Any]:
+    return {
+        "gpu": c.gpu,
+        "allreduce": [{k: v for k, v in vars(p).items() if v is not None} for p in c.allreduce],
+        "nccl_send": {"bytes": c.nccl_send_bytes, "seconds": c.nccl_send_s},
+        "ucx": {
+            "small_bytes": c.ucx_small_bytes,
+            "small_round_trip_s": c.ucx_small_round_trip_s,
+            "large_bytes": c.ucx_large_bytes,
+            "large_one_way_s": c.ucx_large_one_way_s,
+        },
+    }
 
 
 def default_calibration() -> Calibration:
@@ -181,32 +216,14 @@ def parse_calibration(raw: Any, where: str = "calibration") -> Calibration:
         raise PlanError(f"{where}: expected a JSON object")
     if raw.get("format") != FORMAT:
         raise PlanError(f"{where}.format: expected {FORMAT!r}, got {raw.get('format')!r}")
-    gpus = {}
-    for name, g in _obj(f"{where}.gpus", raw.get("gpus", {})).items():
-        g = _obj(f"{where}.gpus.{name}", g)
-        gpus[name] = GpuCalibration(
-            hbm_copy_bytes_per_s=_pos(
-                f"{where}.gpus.{name}.hbm_copy_bytes_per_s", g.get("hbm_copy_bytes_per_s")
-            ),
-            matmul_bf16_flops_per_s=_pos(
-                f"{where}.gpus.{name}.matmul_bf16_flops_per_s", g.get("matmul_bf16_flops_per_s")
-            ),
-            prefill_flops_per_s=_pos(
-                f"{where}.gpus.{name}.prefill_flops_per_s", g.get("prefill_flops_per_s")
-            ),
-        )
-    links = {
-        kind: _link(f"{where}.links.{kind}", c)
-        for kind, c in _obj(f"{where}.links", raw.get("links", {})).items()
+    gpus = {
+        name: _gpu(f"{where}.gpus.{name}", g)
+        for name, g in _obj(f"{where}.gpus", raw.get("gpus", {})).items()
     }
+    links = _links(f"{where}.links", raw.get("links", {}))
     default = default_calibration()
     known = {"format", "source", "gpus", "links", *SOFTWARE_CONSTANTS}
-    constants = {}
-    for key in SOFTWARE_CONSTANTS:
-        v = raw.get(key, 0.0)
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-            raise PlanError(f"{where}.{key}: expected a number >= 0, got {v!r}")
-        constants[key] = float(v)
+    constants = {key: _constant(f"{where}.{key}", raw.get(key, 0.0)) for key in SOFTWARE_CONSTANTS}
     return Calibration(
         source=str(raw.get("source", where)),
         # What the file does not measure keeps its default.
@@ -219,10 +236,34 @@ def parse_calibration(raw: Any, where: str = "calibration") -> Calibration:
     )
 
 
+def _gpu(where: str, raw: Any) -> GpuCalibration:
+    g = _obj(where, raw)
+    known = {*_GPU_FIGURES, *SOFTWARE_CONSTANTS, "links"}
+    return GpuCalibration(
+        **{k: _pos(f"{where}.{k}", g.get(k)) for k in _GPU_FIGURES},
+        constants=MappingProxyType(
+            {k: _constant(f"{where}.{k}", g[k]) for k in SOFTWARE_CONSTANTS if k in g}
+        ),
+        links=MappingProxyType(_links(f"{where}.links", g.get("links", {}))),
+        extra=MappingProxyType({k: v for k, v in g.items() if k not in known}),
+    )
+
+
+def _links(where: str, raw: Any) -> dict[str, LinkCalibration]:
+    return {kind: _link(f"{where}.{kind}", c) for kind, c in _obj(where, raw).items()}
+
+
+def _constant(where: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise PlanError(f"{where}: expected a number >= 0, got {v!r}")
+    return float(v)
+
+
 def _merged(default: GpuCalibration | None, measured: GpuCalibration) -> GpuCalibration:
     if default is None:
         return measured
-    return GpuCalibration(
+    return replace(
+        measured,
         hbm_copy_bytes_per_s=measured.hbm_copy_bytes_per_s or default.hbm_copy_bytes_per_s,
         matmul_bf16_flops_per_s=measured.matmul_bf16_flops_per_s or default.matmul_bf16_flops_per_s,
         prefill_flops_per_s=measured.prefill_flops_per_s or default.prefill_flops_per_s,

@@ -86,6 +86,7 @@ class Machine:
 
 def machine_for(cluster: Cluster, cal: Calibration) -> Machine:
     gpu = cluster.gpu
+    cal = cal.for_gpu(gpu.name)  # the software constants and links measured on this GPU, if any
     hbm, hbm_note = _gpu_figure(gpu, cal, "hbm_copy_bytes_per_s", gpu.hbm_bytes_per_s, "HBM", "TB/s")
     mm, mm_note = _gpu_figure(gpu, cal, "matmul_bf16_flops_per_s", gpu.bf16_flops, "bf16 GEMM", "TFLOP/s")
     fp8 = None if gpu.fp8_flops is None else gpu.fp8_flops * mm / gpu.bf16_flops
