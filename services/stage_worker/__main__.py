@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from trellis import log
@@ -53,9 +54,14 @@ def main() -> int:
         print(f"stage_worker: error: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(service.run())
+        code = asyncio.run(service.run())
     finally:
         ucx.shutdown()  # its notifier thread is no daemon: the process would never exit
+    # Everything is closed and logged by now. After a TP peer died, the compute thread may still
+    # sit in an NCCL collective until NCCL's own timeout (minutes): it must not hold the exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
