@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,16 +93,21 @@ def test_pipeline_hops_cross_nodes_only_between_nodes() -> None:
     out, back = cost.hops
     assert out.crosses_nodes and back.crosses_nodes and back.to_head
     tokens = 32
-    # Each of 8 ranks sends its 1/8 slice of the hidden states over InfiniBand, then the next stage gathers.
+    # Each of 8 ranks sends its 1/8 slice of the hidden states over its own InfiniBand link, in parallel.
     slice_s = tokens * 16384 * 2 / 8 / mach.inter.p2p_bytes_per_s
-    gather = mach.intra.allgather_s(tokens * 16384 * 2, 8, True)
-    assert out.time(tokens, True) == pytest.approx(mach.inter.p2p_latency_s + slice_s + gather)
-    assert back.time(tokens, True) == pytest.approx(
+    assert out.time(tokens, tokens) == pytest.approx(mach.inter.p2p_latency_s + slice_s)
+    assert back.time(tokens, tokens) == pytest.approx(
         mach.inter.p2p_latency_s + tokens * 4 / mach.inter.p2p_bytes_per_s
     )
-    trip, _ = cost.cycle(tokens, tokens * 100, tokens * 100, tokens, True)
-    stage_sum = sum(s.time(tokens, tokens * 100, tokens * 100, tokens, True) for s in cost.stages)
-    assert trip == pytest.approx(stage_sum + out.time(tokens, True) + back.time(tokens, True))
+    # The second stage all-gathers the slices over its TP group (inside the node: NVLink), eagerly.
+    first, second = cost.stages
+    args = (tokens, tokens * 100, tokens * 100, tokens, True)
+    gather = mach.intra.allgather_s(tokens * 16384 * 2, 8, False)
+    assert second.time(*args) - replace(second, gather=None).time(*args) == pytest.approx(gather)
+    assert first.gather is None
+    trip, _ = cost.cycle(*args)
+    stage_sum = sum(s.time(*args) for s in cost.stages)
+    assert trip == pytest.approx(stage_sum + out.time(tokens, tokens) + back.time(tokens, tokens))
 
 
 def test_calibration_file_round_trips_and_overrides(tmp_path: Path) -> None:

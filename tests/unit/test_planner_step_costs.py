@@ -81,13 +81,16 @@ def test_calibration_round_trips_the_new_constants() -> None:
     assert any("per layer" in n for n in mach.notes) and any("host" in n for n in mach.notes)
 
 
+@pytest.mark.parametrize("pp", [1, 2])
 @pytest.mark.parametrize("graph", [True, False])
-def test_step_time_is_the_sum_of_its_reported_parts(graph: bool) -> None:
+def test_step_time_is_the_sum_of_its_reported_parts(graph: bool, pp: int) -> None:
     m = load_model("llama-3-70b")
     mach = machine_for(cluster_from_args("h200"), measured_calibration())
-    st = replica_cost(m, Layout(4, 1, 1, 8, ((0, 80),)), mach, "bf16", 2, decode_burst=8).stages[0]
+    layers = ((0, 80),) if pp == 1 else ((0, 40), (40, 80))
+    st = replica_cost(m, Layout(4, pp, 1, 8, layers), mach, "bf16", 2, decode_burst=8).stages[-1]
     args = (64, 64 * 700, 64 * 700, 64, graph) if graph else (2048, 2048, 2048 * 1024, 4, graph)
     p = st.parts(*args)
     assert p["allreduce"] > 0 and p["layers"] > 0 and p["overhead"] > 0
-    expected = max(p["weights"] + p["kv"], p["compute"]) + p["layers"] + p["allreduce"] + p["overhead"]
-    assert st.time(*args) == pytest.approx(expected, rel=1e-12)
+    assert (p["gather"] > 0) == (pp > 1)  # the last of 2 stages all-gathers what it receives
+    extras = p["layers"] + p["allreduce"] + p["gather"] + p["overhead"]
+    assert st.time(*args) == pytest.approx(max(p["weights"] + p["kv"], p["compute"]) + extras, rel=1e-12)

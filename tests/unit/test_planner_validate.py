@@ -17,7 +17,7 @@ from trellis.planner.hardware import cluster_from_args
 from trellis.planner.layout import Layout
 from trellis.planner.machine import machine_for
 from trellis.planner.model import load_model
-from trellis.planner.validate import BenchRun, load_results, predict
+from trellis.planner.validate import BenchRun, load_results, parse_results, predict, validation_table
 
 RUN = {
     "format": "trellis-bench/1",
@@ -78,6 +78,7 @@ def test_table_lists_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[
         ({"format": "other"}, "format"),
         ({"config": {"model": "llama-3-8b"}}, "config.gpu: required"),
         ({"config": {**RUN["config"], "tp": 0}}, "config.tp"),
+        ({"config": {**RUN["config"], "max_in_flight": 0}}, "config.max_in_flight"),
         ({"measured": {"tpot_s": "fast"}}, "measured"),
     ],
 )
@@ -98,3 +99,20 @@ def test_the_runs_engine_settings_reach_the_cost() -> None:
     assert plain["ttft_s"] == pytest.approx(burst["ttft_s"])  # the prompt step is a plan of its own
     one_shot = predict(BenchRun("one-shot", {**config, "one_shot_max_bytes": 1 << 20}, {}), cal)
     assert one_shot == plain  # the default calibration measured no one-shot kernel: NCCL stands
+
+
+def test_micro_batches_in_flight_reach_the_replay() -> None:
+    config = {**RUN["config"], "tp": 2, "pp": 2, "dp": 1, "batch": 16, "output_len": 33}
+    one = predict(BenchRun("one", {**config, "max_in_flight": 1}, {}), default_calibration())
+    two = predict(BenchRun("two", {**config, "max_in_flight": 2}, {}), default_calibration())
+    assert two == predict(BenchRun("default", config, {}), default_calibration())  # one per stage
+    # One micro-batch of 16 goes around both stages and back before the next step: each stage idles
+    # while the other works (and during the hops); two micro-batches of 8 keep both stages busy.
+    assert one["bubble"] > 0.5 > two["bubble"]
+    assert one["tpot_s"] != pytest.approx(two["tpot_s"])
+    raw = {**RUN, "config": {**config, "max_in_flight": 1}, "measured": {"tpot_s": 0.01, "bubble": 0.5}}
+    rows = [line.split() for line in validation_table(parse_results(raw), default_calibration()).splitlines()]
+    (bubble,) = [r for r in rows if "bubble" in r]
+    assert bubble[-3:] == [f"{one['bubble']:.4g}", "0.5", f"{(one['bubble'] - 0.5) / 0.5:+.0%}"]
+    flat = {**RUN, "measured": {"bubble": 0.5}}  # PP 1: no pipeline, no bubble row
+    assert "bubble" not in validation_table(parse_results(flat), default_calibration())

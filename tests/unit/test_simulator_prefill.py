@@ -80,7 +80,7 @@ def test_a_batch_fills_every_micro_batch_of_a_pipeline_at_once() -> None:
     res = simulate(cost, SimConfig(1, 10**7, 8, budget), _batch(8, prompt, 1))
     pairs = 4 * prompt * (prompt + 1) / 2
     s0, s1 = (s.time(budget, budget, pairs, 4, graph=False) for s in cost.stages)
-    out, back = cost.hops[0].time(budget, False), cost.hops[1].time(4, False)
+    out, back = cost.hops[0].time(budget, 4), cost.hops[1].time(budget, 4)
     # Micro-batch A (prompts 0-3) and B (4-7) both leave the head at t = 0; B waits for stage 0.
     first = s0 + out + s1 + back
     second = max(2 * s0 + out, s0 + out + s1) + s1 + back

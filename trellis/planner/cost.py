@@ -3,6 +3,7 @@
 A stage's step time is
 
     max(bytes read / HBM bandwidth, FLOPs / rate) + layers x per-layer time + TP all-reduces + host
+        + (PP with TP > 1, every stage but the first) the all-gather of the received slices
 
 * The bytes read are the stage's weights (once per step, whatever the batch) plus the KV cache its
   attention reads. The FLOPs are 2 x parameters per token plus attention's 4 x heads x head_dim
@@ -14,9 +15,14 @@ A stage's step time is
   rows x hidden x 2 bytes however many rows the step has, timed from the measured table.
 * The host time is per plan: a fixed part plus a part per sequence in the step. A decode burst of
   k steps runs from one plan, so its decode steps pay 1/k of it each.
+* With TP > 1, every stage after the first receives the hidden states as TP column slices and
+  all-gathers them over its TP group before its layers: eagerly (outside any CUDA graph), on its
+  compute thread, so the gather is part of the stage's step (and of the busy time the engine
+  measures per stage), on the eager curve whatever the step.
 
-A hop sends each rank's 1/TP slice of the hidden states to the next stage over the link between
-them (UCX), which all-gathers them.
+A hop is the transfer alone: each TP rank sends its 1/TP slice of the hidden states to the same
+rank of the next stage over UCX, all TP links in parallel; the last stage sends the sampled ids
+(4 bytes each) back to the head.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class StageCost:
     overhead_s: float  # host time per plan ...
     overhead_s_per_seq: float  # ... and per sequence sampled in the step
     decode_burst: int = 1  # decode steps run from one plan
+    gather: AllReduceCost | None = None  # all-gathers the TP slices received from the previous stage
 
     def time(self, tokens: float, kv_reads: float, pairs: float, samples: float, graph: bool) -> float:
         # The sum of ``parts`` (max of memory and compute), inlined: the simulator calls this every step.
@@ -67,6 +74,8 @@ class StageCost:
             t = max(memory, flops / self.prefill_flops_per_s) + self.layers * self.layer_eager_s + host
         if self.allreduce is not None:
             t += self.allreduces * self.allreduce.seconds(tokens * self.hidden_bytes, graph)
+        if self.gather is not None:  # eager, before the layers (a CUDA graph or not)
+            t += self.gather.gather_seconds(tokens * self.hidden_bytes, False)
         return t
 
     def compute(self, tokens: float, pairs: float, samples: float, graph: bool) -> float:
@@ -82,6 +91,12 @@ class StageCost:
             return 0.0
         return self.allreduces * self.allreduce.seconds(tokens * self.hidden_bytes, graph)
 
+    def handoff_gather(self, tokens: float) -> float:
+        """The all-gather of the ``tokens`` rows received as TP slices: eager in every step."""
+        if self.gather is None:
+            return 0.0
+        return self.gather.gather_seconds(tokens * self.hidden_bytes, False)
+
     def host(self, samples: float, graph: bool) -> float:
         per_plan = self.overhead_s + self.overhead_s_per_seq * samples
         return per_plan / self.decode_burst if graph else per_plan
@@ -96,26 +111,25 @@ class StageCost:
             "compute": self.compute(tokens, pairs, samples, graph),
             "layers": self.layers * (self.layer_graph_s if graph else self.layer_eager_s),
             "allreduce": self.comm(tokens, graph),
+            "gather": self.handoff_gather(tokens),
             "overhead": self.host(samples, graph),
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HopCost:
-    """Out of a stage: hidden states to the next stage, or (last stage) sampled ids back to the head."""
+    """Out of a stage: hidden states to the next stage, or (last stage) sampled ids back to the head.
+    The transfer only: the next stage's all-gather of the slices is in its ``StageCost``."""
 
     crosses_nodes: bool
     latency_s: float
-    s_per_token: float  # UCX: each rank's 1/TP slice of a row (sampled ids: 4 bytes)
-    gather: AllReduceCost | None  # the receiving stage all-gathers the slices
-    gather_bytes_per_token: int  # a whole row of hidden states
-    to_head: bool  # sampled ids: 4 bytes per sample, no all-gather
+    s_per_row: float  # UCX, per link: a 1/TP slice of a row of hidden states (to the head: 4 bytes)
+    to_head: bool  # sampled ids, one row per sample
 
-    def time(self, tokens: float, graph: bool) -> float:
-        t = self.latency_s + self.s_per_token * tokens
-        if self.gather is not None:
-            t += self.gather.gather_seconds(tokens * self.gather_bytes_per_token, graph)
-        return t
+    def time(self, tokens: float, samples: float) -> float:
+        """A step of ``tokens`` rows of hidden states sampling ``samples`` tokens: the TP links
+        run in parallel, so one link's slice is the time."""
+        return self.latency_s + self.s_per_row * (samples if self.to_head else tokens)
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,7 @@ class ReplicaCost:
             trip += t * count
             slowest = max(slowest, t)
         for hop, count in self._hop_classes:
-            trip += hop.time(samples if hop.to_head else tokens, graph) * count
+            trip += hop.time(tokens, samples) * count
         return trip, slowest
 
     @cached_property
@@ -192,24 +206,15 @@ def replica_cost(
                 overhead_s=machine.step_overhead_s,
                 overhead_s_per_seq=machine.step_overhead_per_seq_s,
                 decode_burst=decode_burst,
+                gather=allreduce if not first else None,  # the same TP group and table
             )
         )
         crosses = layout.hop_crosses_nodes(j)
         link: LinkModel = machine.inter if crosses else machine.intra
         if layout.pp == 1:  # the stage samples and schedules itself: no hop at all
-            hops.append(HopCost(False, 0.0, 0.0, None, 0, True))
+            hops.append(HopCost(False, 0.0, 0.0, True))
         elif last:
-            hops.append(HopCost(crosses, link.p2p_latency_s, 4 / link.p2p_bytes_per_s, None, 0, True))
-        else:
-            gather_link = machine.inter if layout.tp_spans_nodes() else machine.intra
-            hops.append(
-                HopCost(
-                    crosses,
-                    link.p2p_latency_s,
-                    hidden_bytes / tp / link.p2p_bytes_per_s,
-                    gather_link.allreduce(tp) if tp > 1 else None,
-                    hidden_bytes,
-                    False,
-                )
-            )
+            hops.append(HopCost(crosses, link.p2p_latency_s, 4 / link.p2p_bytes_per_s, True))
+        else:  # each rank's 1/TP column slice, over its own link
+            hops.append(HopCost(crosses, link.p2p_latency_s, hidden_bytes / tp / link.p2p_bytes_per_s, False))
     return ReplicaCost(tuple(stages), tuple(hops))

@@ -8,7 +8,18 @@ from trellis.planner.analytic import Point
 from trellis.planner.cost import ReplicaCost
 from trellis.planner.search import Candidate, Plan
 
-PARTS = ("weights", "kv", "compute", "layers", "allreduce", "hops", "overhead", "pipeline", "prefill")
+PARTS = (
+    "weights",
+    "kv",
+    "compute",
+    "layers",
+    "allreduce",
+    "gather",
+    "hops",
+    "overhead",
+    "pipeline",
+    "prefill",
+)
 PART_NAMES = MappingProxyType(
     {
         "weights": "reading weights",
@@ -16,6 +27,7 @@ PART_NAMES = MappingProxyType(
         "compute": "matmul compute",
         "layers": "per-layer small kernels",
         "allreduce": "TP all-reduces",
+        "gather": "PP hand-off all-gathers",
         "hops": "PP hops",
         "overhead": "host overhead",
         "pipeline": "waiting on the slowest stage",
@@ -28,7 +40,8 @@ def decode_breakdown(
     cost: ReplicaCost, point: Point, prompt_mean: float, output_mean: float
 ) -> dict[str, float]:
     """TPOT split into parts: a decode-only round trip (each stage's max(memory, compute) shown as
-    whichever wins, plus its per-layer time, all-reduces and host time), the hops, the wait for
+    whichever wins, plus its per-layer time, all-reduces, the all-gather of the hidden states it
+    receives as TP slices and its host time), the hops (transfers only), the wait for
     the slowest stage, and the stretch that prompts riding in some steps add."""
     b = point.concurrency / point.micro_batches
     ctx = prompt_mean + output_mean / 2
@@ -42,7 +55,7 @@ def decode_breakdown(
         for k, v in parts.items():
             out[k] += v
     for hop in cost.hops:
-        out["hops"] += hop.time(b, True)
+        out["hops"] += hop.time(b, b)
     out["pipeline"] = max(0.0, point.cycle_s - point.trip_s)
     out["prefill"] = max(0.0, point.tpot_s - point.cycle_s)
     return out

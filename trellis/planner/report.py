@@ -149,16 +149,26 @@ def _decode_lines(plan: Plan, c: Candidate) -> list[str]:
             f"(one call of {b:.1f} rows x {slow.hidden_bytes:,} B = {size / 1024:,.0f} KB, measured table)"
             f" = {_ms(parts['allreduce'])}"
         )
+    if parts["gather"]:
+        lines.append(
+            f"  PP gather     all-gather of the {lay.tp} TP slices from the previous stage ({b:.1f} rows x "
+            f"{slow.hidden_bytes:,} B, eager) = {_ms(parts['gather'])}"
+        )
     if parts["overhead"]:
         lines.append(
             f"  host          {_ms(slow.overhead_s)} + {b:.1f} seqs x {slow.overhead_s_per_seq * 1e6:.0f} us"
             f" per plan{f' / {slow.decode_burst} steps' if slow.decode_burst > 1 else ''} = "
             f"{_ms(parts['overhead'])}"
         )
-    step = max(mem, parts["compute"]) + parts["layers"] + parts["allreduce"] + parts["overhead"]
+    step = max(mem, parts["compute"]) + sum(parts[k] for k in ("layers", "allreduce", "gather", "overhead"))
     extras = [
         name
-        for name, key in (("per layer", "layers"), ("all-reduce", "allreduce"), ("host", "overhead"))
+        for name, key in (
+            ("per layer", "layers"),
+            ("all-reduce", "allreduce"),
+            ("PP gather", "gather"),
+            ("host", "overhead"),
+        )
         if parts[key]
     ]
     lines.append(f"  stage step    max(memory, compute){''.join(' + ' + e for e in extras)} = {_ms(step)}")

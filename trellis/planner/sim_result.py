@@ -22,6 +22,14 @@ class SimResult:
     busy_fraction: float  # stage-time busy over stage-time available
     kv_peak_fraction: float
     gaps: np.ndarray | None = None  # rows (previous token, token, sequences) of each decode step
+    stage_busy_s: tuple[float, ...] = ()  # busy seconds of each stage index, summed over the replicas
+
+    @property
+    def bubble(self) -> float:
+        """The share of stage-time left idle over the makespan, as the engine reports its bubble:
+        1 - sum(stage busy) / (stages x wall). For a batch submitted at once the makespan is the
+        benchmarks' interval (submission to the last token)."""
+        return 1.0 - self.busy_fraction
 
     @property
     def steady_tpot(self) -> float:

@@ -1,13 +1,15 @@
 """Discrete-event replay of a workload through a plan, from 1 GPU to thousands.
 
 Each replica runs what the head stage's scheduler does: continuous batching over ``m``
-micro-batches in flight (one per stage), chunked prefill inside a per-step token budget, a
-request admitted only when the KV room for its whole length (prompt + output) is free, no
-preemption. A micro-batch step goes through the stages in order; a stage works on one step at a
-time, first come first served, so a step's trip is a short recursion over the stages
-(start = max(arrival, stage free)) rather than one event per stage. A router sends each request
-to the replica with the fewest requests (a lazy heap). With a prefill/decode split, prefill
-replicas hand each prompt's KV to the least-loaded decode replica after the move time.
+micro-batches in flight (one per stage, or the engine's ``max_in_flight``), chunked prefill
+inside a per-step token budget, a request admitted only when the KV room for its whole length
+(prompt + output) is free, no preemption. A micro-batch step goes through the stages in order; a
+stage works on one step at a time, first come first served, so a step's trip is a short recursion
+over the stages (start = max(arrival, stage free)) rather than one event per stage. A router sends
+each request to the replica with the fewest requests (a lazy heap). With a prefill/decode split,
+prefill replicas hand each prompt's KV to the least-loaded decode replica after the move time.
+Each stage's busy seconds are the sum of its step times, as the engine times its stages (the
+all-gather of a TP-sliced hand-off included), so the bubble compares with the engine's.
 
 Per step the work is O(stages) plus O(1) per request admitted or finished: decoding sequences
 are never visited one by one (their context sum grows by the batch size each step, and each one
@@ -43,6 +45,7 @@ class SimConfig:
     prefill_replicas: int = 0  # the first ones prefill only, the rest decode only
     kv_move_latency_s: float = 0.0
     kv_move_s_per_token: float = 0.0
+    max_in_flight: int = 0  # micro-batches in flight per replica (the engine's option); 0: one per stage
 
 
 class _Group:
@@ -74,7 +77,7 @@ class _Replica:
         self.groups = [_Group() for _ in range(m)]
         self.idle = list(range(m))
         self.free = [0.0] * pp  # when each stage is next free
-        self.busy = 0.0
+        self.busy = [0.0] * pp  # each stage's busy seconds (its step times, as the engine times them)
 
 
 class _Pool:
@@ -127,11 +130,10 @@ class _Sim:
         classes = list(dict.fromkeys(cost.stages))
         self.classes = classes
         self.cls = [classes.index(s) for s in cost.stages]
-        # HopCost.time, unpacked: it runs for every stage of every step.
-        self.hops = [
-            (h.latency_s, h.s_per_token, h.gather, h.gather_bytes_per_token, h.to_head) for h in cost.hops
-        ]
-        m = cost.pp
+        self.hops = [h.time for h in cost.hops]
+        if cfg.max_in_flight < 0:
+            raise PlanError(f"max_in_flight must be >= 1 (0: one per stage), got {cfg.max_in_flight}")
+        m = cfg.max_in_flight or cost.pp
         self.group_seqs = min(-(-cfg.max_seqs // m), cfg.max_batched_tokens)
         split = cfg.prefill_replicas
         self.replicas = [
@@ -263,23 +265,15 @@ class _Sim:
         samples = g.n_dec + len(done)
         kv_reads = g.ctx + reads
         times = [s.time(tokens, kv_reads, g.ctx + pairs, samples, graph) for s in self.classes]
-        free, cls = rep.free, self.cls
-        busy = 0.0
+        free, cls, hops, busy = rep.free, self.cls, self.hops, rep.busy
         for j in range(self.pp):
             s = times[cls[j]]
             if free[j] > t:
                 t = free[j]
             t += s
             free[j] = t
-            busy += s
-            lat, per, gather, row_bytes, to_head = self.hops[j]
-            if to_head:
-                t += lat + per * samples
-            else:
-                t += lat + per * tokens
-                if gather is not None:
-                    t += gather.gather_seconds(tokens * row_bytes, graph)
-        rep.busy += busy
+            busy[j] += s
+            t += hops[j](tokens, samples)
         self._push(t, _RETURN, rep.index, gi)
 
     def _returned(self, rep: _Replica, gi: int, t: float) -> None:
@@ -333,7 +327,8 @@ class _Sim:
         arrival, first, end = np.array(self.arrival), np.array(self.first), np.array(self.end)
         makespan = float(end.max() - arrival.min()) if len(end) else 0.0
         stages = self.cfg.replicas * self.pp
-        busy = sum(r.busy for r in self.replicas) / (stages * makespan) if makespan else 0.0
+        stage_busy = tuple(sum(r.busy[j] for r in self.replicas) for j in range(self.pp))
+        busy = sum(stage_busy) / (stages * makespan) if makespan else 0.0
         return SimResult(
             arrival,
             first,
@@ -346,4 +341,5 @@ class _Sim:
             busy,
             self.kv_peak / self.cfg.kv_tokens if self.cfg.kv_tokens else 0.0,
             None if self.gaps is None else np.array(self.gaps, dtype=float).reshape(-1, 3),
+            stage_busy,
         )

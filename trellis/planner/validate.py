@@ -12,9 +12,12 @@ A result file (JSON, format ``trellis-bench/1``) holds one run, or ``{"runs": [.
 first token, ``tpot_s`` the mean gap between a request's consecutive tokens once every request has
 its first token (steady decoding), ``decode_tok_s`` the output tokens per second of the whole
 deployment while they decode (dp x batch / tpot). Any measured figure may be left out. The engine
-settings ``max_batched_tokens`` (default 2048), ``decode_burst`` (1) and ``one_shot_max_bytes`` (0)
-are optional. The prediction replays the same batch through the simulator, every request arriving
-at once, and takes the same steady TPOT from it.
+settings ``max_batched_tokens`` (default 2048), ``decode_burst`` (1), ``one_shot_max_bytes`` (0)
+and ``max_in_flight`` (micro-batches in flight; default one per stage) are optional. The
+prediction replays the same batch through the simulator, every request arriving at once, and
+takes the same steady TPOT from it. With PP > 1 it also gives the pipeline bubble over the run,
+as the engine measures it (``measured.bubble``): 1 - sum(stage busy) / (stages x wall), the wall
+from submission to the last token.
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def _run(where: str, raw: Any, default_format: str | None) -> BenchRun:
     for key in ("model", "gpu", "tp", "pp", "dp", "batch", "prompt_len", "output_len"):
         if key not in config:
             raise PlanError(f"{where}.config.{key}: required")
-    for key in ("tp", "pp", "dp", "batch", "prompt_len", "output_len"):
+    for key in ("tp", "pp", "dp", "batch", "prompt_len", "output_len", "max_in_flight"):
+        if key == "max_in_flight" and config.get(key) is None:
+            continue  # optional: one micro-batch per stage
         v = config[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise PlanError(f"{where}.config.{key}: expected an integer >= 1, got {v!r}")
@@ -136,7 +141,8 @@ def run_cost(run: BenchRun, calibration: Calibration) -> tuple[ReplicaCost, SimC
         one_shot_max_bytes=int(cfg.get("one_shot_max_bytes") or 0),
     )
     # The run did hold the batch, so KV room is at least what the batch needed.
-    return cost, SimConfig(1, max(mem.kv_tokens, batch * (prompt + output)), batch, tokens)
+    kv_room = max(mem.kv_tokens, batch * (prompt + output))
+    return cost, SimConfig(1, kv_room, batch, tokens, max_in_flight=int(cfg.get("max_in_flight") or 0))
 
 
 def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
@@ -151,6 +157,7 @@ def predict(run: BenchRun, calibration: Calibration) -> dict[str, float]:
         "ttft_s": float(sim.ttft.mean()),
         "tpot_s": tpot,
         "decode_tok_s": dp * batch / tpot if tpot else 0.0,
+        "bubble": sim.bubble,
     }
 
 
@@ -160,7 +167,7 @@ def validation_table(runs: list[BenchRun], calibration: Calibration) -> str:
         pred = predict(run, calibration)
         c = run.config
         label = f"{c['model']} {c['gpu']} TP {c['tp']} x PP {c['pp']} x DP {c['dp']}, batch {c['batch']}"
-        for metric in METRICS:
+        for metric in METRICS + (("bubble",) if c["pp"] > 1 else ()):
             got = run.measured.get(metric)
             err = f"{(pred[metric] - got) / got:+.0%}" if got else "-"
             rows.append(
