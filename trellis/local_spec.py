@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.stage_worker.layout import split_layers
 from services.stage_worker.model.config import load_model_config
+from trellis.handoff_rules import handoff_ranks
 from trellis.net import free_port_runs
 from trellis.spec import DeploySpec, EngineSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 
@@ -32,7 +33,7 @@ def local_spec(
         cfg = load_model_config(model_path)
     layers = split_layers(cfg.num_hidden_layers, stages)
     # Per stage: control, UCX (TP rank r of a multi-stage replica listens on ucx_port + r), rendezvous.
-    ucx_run = tp if stages > 1 else 1
+    ucx_run = handoff_ranks(tp, stages)
     ports = iter(free_port_runs([1] + [1, ucx_run, 1] * (replicas * stages)))
     router = RouterSpec(port=router_port or next(ports), max_queue=max_queue)
     gpu = iter(range(replicas * stages * tp))

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from trellis.handoff_rules import handoff_ranks, sliced_handoff_problem
+
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
@@ -149,8 +151,6 @@ class DeploySpec:
     def check_handoff(self, hidden_size: int) -> None:
         """Between stages each TP rank hands its 1/tp slice of the hidden states to the same rank of
         the next stage: every stage of a replica needs the same tp, and tp must divide hidden_size."""
-        from services.stage_worker.handoff import sliced_handoff_problem
-
         for i, rep in enumerate(self.replicas):
             tp = rep.stages[0].tp
             for j, st in enumerate(rep.stages):
@@ -376,11 +376,11 @@ def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
             w = f"replicas[{i}].stages[{j}]"
             claim(st.host, st.port, f"{w}.port")
             claim(st.host, st.ucx_port, f"{w}.ucx_port")
-            if st.ucx_port and len(rep.stages) > 1:  # TP rank r's own UCX port (StageSpec.ucx_port)
-                if (last := st.ucx_port + st.tp - 1) > 65535:
-                    raise SpecError(f"{w}.ucx_port: TP rank {st.tp - 1} listens on {last}, past 65535")
-                for r in range(1, st.tp):
-                    claim(st.host, st.ucx_port + r, f"{w}.ucx_port (+{r}: TP rank {r}'s UCX port)")
+            n = handoff_ranks(st.tp, len(rep.stages)) if st.ucx_port else 1  # rank r: ucx_port + r
+            if (last := st.ucx_port + n - 1) > 65535:
+                raise SpecError(f"{w}.ucx_port: TP rank {n - 1} listens on {last}, past 65535")
+            for r in range(1, n):
+                claim(st.host, st.ucx_port + r, f"{w}.ucx_port (+{r}: TP rank {r}'s UCX port)")
             claim(st.host, st.dist_port, f"{w}.dist_port")
 
 

@@ -20,13 +20,11 @@ class ControlChannel:
         *,
         tp: int,
         device: torch.device,
-        dtype: torch.dtype,
         ctrl_group: dist.ProcessGroup | None,
         data_group: dist.ProcessGroup | None,
     ) -> None:
         self.tp = tp
         self.device = device
-        self.dtype = dtype
         self._ctrl = ctrl_group
         self._data = data_group
 

@@ -7,7 +7,6 @@ processes, linked into a ring over UCX exactly as in the mesh (which adds gRPC o
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import torch
 
 from services.stage_worker.busy import bubble_fraction
 from services.stage_worker.executor import StageExecutor
-from services.stage_worker.handoff import HandoffError, sliced_handoff_problem
+from services.stage_worker.handoff import HandoffError
 from services.stage_worker.head import Head, ReplicaFailed, ring_handshake
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.layout import default_num_blocks, split_layers
@@ -32,6 +31,7 @@ from services.stage_worker.rank import model_config
 from services.stage_worker.scheduler import Scheduler, SchedulerConfig
 from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
+from trellis.handoff_rules import handoff_ranks, sliced_handoff_problem
 from trellis.net import free_ports
 from trellis.transport import ucx
 from trellis.transport.ucx import Listener, connect
@@ -85,12 +85,6 @@ def check_weight_files(model_dir: str) -> None:
     for file in sorted(set(loader._weight_map(directory).values())):
         with loader._open(directory / file):
             pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Engine:
@@ -147,6 +141,7 @@ class Engine:
         self._log = log.get()
         self._procs: list[subprocess.Popen] = []
         self._ucx_ports: list[tuple[int, ...]] = []  # per stage: where each TP rank listens
+        self._dist_ports: list[int] = []  # per stage: its TP group's rendezvous
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
@@ -175,7 +170,7 @@ class Engine:
             device=a.device,
             gpus=tuple(gpus[stage * a.tp : (stage + 1) * a.tp]) if a.device == "cuda" else (),
             dist_host="127.0.0.1",
-            dist_port=_free_port(),
+            dist_port=self._dist_ports[stage],
             block_size=a.block_size,
             num_blocks=self.num_blocks,
             seed=a.seed,
@@ -204,10 +199,12 @@ class Engine:
 
     async def _start(self) -> None:
         a = self.args
-        # Each stage leader's ring port, then (sliced hand-off) one port per peer rank.
-        ranks = a.tp if a.tp > 1 and a.pp > 1 else 1
-        flat = iter(free_ports(a.pp * ranks))
+        # Every stage's UCX ports (its leader's ring port, then with the sliced hand-off one per peer
+        # rank), then every stage's TP rendezvous port: taken in one call, so that none collide.
+        ranks = handoff_ranks(a.tp, a.pp)
+        flat = iter(free_ports(a.pp * (ranks + 1)))
         self._ucx_ports = [tuple(next(flat) for _ in range(ranks)) for _ in range(a.pp)]
+        self._dist_ports = [next(flat) for _ in range(a.pp)]
         ports = [p[0] for p in self._ucx_ports]
         listener = Listener(ports[0], torch.device("cpu")) if a.pp > 1 else None
         try:

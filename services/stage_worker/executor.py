@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.stage_worker.handoff import HandoffError, column_slice, sliced_handoff_problem
+from services.stage_worker.handoff import HandoffError, column_slice
 from services.stage_worker.launch import StageLaunch
-from services.stage_worker.model.errors import ModelError
 from services.stage_worker.plan import StepPlan, StepResult
 from services.stage_worker.rank import RankContext, start_rank, stop_rank
 from trellis import log
@@ -50,13 +49,12 @@ class StageOutput:
     """One plan's output on the leader: the last stage's result, or the hidden states to pass on.
 
     With the sliced hand-off `value` is only rank 0's columns; `shape` is of the whole hidden states
-    and `slices` says how many column slices make it. `busy_s` is the plan's compute time here,
-    from its start on the compute thread to the device sync after its last kernel."""
+    (made of `launch.slices` column slices). `busy_s` is the plan's compute time here, from its
+    start on the compute thread to the device sync after its last kernel."""
 
     value: torch.Tensor | StepResult
     busy_s: float
     shape: tuple[int, ...] = ()
-    slices: int = 1
 
 
 class StageExecutor:
@@ -70,11 +68,9 @@ class StageExecutor:
 
     async def start(self) -> None:
         self._peers = spawn_peers(self.launch)
+        # The sliced hand-off's hidden_size % tp is checked before any process starts (Engine,
+        # DeploySpec.check_model): failing here, with the peers loaded, would leave them waiting.
         self.ctx = await self._call(start_rank, self.launch, 0)
-        if self.launch.sliced_handoff:
-            problem = sliced_handoff_problem(self.ctx.cfg.hidden_size, self.launch.tp)
-            if problem:
-                raise ModelError(problem)
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -108,7 +104,7 @@ class StageExecutor:
         shape = tuple(out.shape)
         if launch.sliced_handoff:
             out = column_slice(out, 0, launch.tp)
-        return StageOutput(out, self._synced_since(start), shape, launch.slices)
+        return StageOutput(out, self._synced_since(start), shape)
 
     def _synced_since(self, start: float) -> float:
         if self.ctx.device.type == "cuda":

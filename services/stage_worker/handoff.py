@@ -11,20 +11,11 @@ from __future__ import annotations
 import torch
 
 from services.stage_worker.rank import DTYPES
+from trellis.handoff_rules import sliced_handoff_problem as sliced_handoff_problem  # re-exported
 
 
 class HandoffError(RuntimeError):
     """The hand-off between two stages went out of step (a bug, or a stage of another layout)."""
-
-
-def sliced_handoff_problem(hidden_size: int, tp: int) -> str | None:
-    """Why `tp` ranks cannot slice hidden states of `hidden_size` columns (None: they can)."""
-    if tp > 1 and hidden_size % tp:
-        return (
-            f"hidden_size {hidden_size} is not a multiple of the TP size {tp}: each TP rank hands "
-            f"1/{tp} of the hidden states to the next stage"
-        )
-    return None
 
 
 def column_slice(hidden: torch.Tensor, rank: int, tp: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """The head stage's driver: schedule, run the head's layers, keep the pipeline full, collect tokens.
 
-With PP stages it keeps up to PP micro-batches in flight (the scheduler's max_in_flight), so no
-stage idles while the others work: a new micro-batch is scheduled (from sequences not already in
-flight) as soon as one returns. Everything that touches the scheduler runs on the event loop, one
-coroutine at a time. Each returning step brings every stage's busy seconds (`stage_busy`), from which
-a benchmark gets the pipeline bubble.
+It keeps up to the scheduler's max_in_flight micro-batches in flight (by default one per stage,
+so no stage idles while the others work): a new micro-batch is scheduled (from sequences not
+already in flight) as soon as one returns. Everything that touches the scheduler runs on the event
+loop, one coroutine at a time. Each returning step brings every stage's busy seconds
+(`stage_busy`), from which a benchmark gets the pipeline bubble.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class Head:
                 self.stage_busy.add((out.busy_s,))
                 self._complete(out.value)
             else:
-                await send_output(self.outbound, plan, out, self.executor.launch.dtype, ())
+                await send_output(self.outbound, plan, out, self.executor.launch, ())
         return ran
 
     async def _receive(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from trellis.handoff_rules import handoff_ranks
+
 
 @dataclass(frozen=True)
 class StageLaunch:
@@ -48,12 +50,12 @@ class StageLaunch:
     def sliced_handoff(self) -> bool:
         """Each TP rank hands its 1/tp column slice of the hidden states to the same rank of the
         next stage (instead of the leader sending all of it)."""
-        return self.tp > 1 and self.num_stages > 1
+        return handoff_ranks(self.tp, self.num_stages) > 1
 
     @property
     def slices(self) -> int:
-        """Column slices of the hidden states on the wire between stages."""
-        return self.tp if self.sliced_handoff else 1
+        """Column slices of the hidden states on the wire between stages (one per listening rank)."""
+        return handoff_ranks(self.tp, self.num_stages)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -44,8 +44,9 @@ def open_links(ctx: RankContext, rank: int) -> PeerLinks | None:
     links = PeerLinks(ctx.launch, rank, ctx.device)
     try:
         links.open(LINK_TIMEOUT_S)
-    except (LinkClosed, TimeoutError) as e:
-        log.get().error("peer cannot link to its neighbouring stages", error=str(e) or "timed out")
+    except Exception as e:  # also ucxx's own errors (e.g. a taken port): the leader must hear of it
+        why = str(e) or ("timed out" if isinstance(e, TimeoutError) else type(e).__name__)
+        log.get().error("peer cannot link to its neighbouring stages", error=why)
         ctx.control.all_linked(False)  # the leader fails the stage with a clear message
         exit_now(1)
     ctx.control.all_linked(True)

@@ -97,8 +97,8 @@ class PeerLinks:
         return payload_tensor(payload, msg.dtype, shape)
 
     def send_slice(self, step_id: int, part: torch.Tensor) -> None:
-        if part.is_cuda:  # the kernels that made it ran on this (the compute) thread's stream
-            torch.cuda.current_stream(part.device).synchronize()
+        """No sync here: Link.send syncs the links' thread's current stream before the payload goes,
+        and no thread of a peer sets a stream, so that is the default stream the kernels ran on."""
         header = pipe.encode(pipe.HiddenSlice(step_id, self.rank, self.launch.dtype, tuple(part.shape)))
         self._wait(self.outbound.send(header, part), SLICE_TIMEOUT_S)
 

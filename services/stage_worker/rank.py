@@ -90,11 +90,11 @@ def start_rank(launch: StageLaunch, rank: int) -> RankContext:
         gpu_memory_utilization=launch.gpu_memory_utilization,
         one_shot_max_bytes=launch.one_shot_max_bytes,
     )
-    control = ControlChannel(tp=launch.tp, device=device, dtype=dtype, ctrl_group=ctrl, data_group=data)
+    control = ControlChannel(tp=launch.tp, device=device, ctrl_group=ctrl, data_group=data)
     return RankContext(launch, rank, cfg, device, dtype, runner, control)
 
 
-def stop_rank(ctx: RankContext | None = None) -> None:
+def stop_rank(ctx: RankContext) -> None:
     """Drop the rank's CUDA graphs, then leave the stage's process group.
 
     A graph that captured NCCL kernels keeps the communicator in use until the graph is destroyed,
@@ -103,8 +103,7 @@ def stop_rank(ctx: RankContext | None = None) -> None:
     thread given a few seconds (after that it is left to process exit); gloo groups are destroyed
     normally.
     """
-    if ctx is not None:
-        ctx.runner.release()
+    ctx.runner.release()
     if not dist.is_initialized():
         return
     if dist.get_backend() != "nccl":

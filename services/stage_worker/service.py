@@ -27,8 +27,9 @@ from services.stage_worker.server import StageWorkerServicer
 from services.stage_worker.stage_loop import serve_stage
 from services.stage_worker.stage_proc import LINK_TIMEOUT_S
 from trellis import log
+from trellis.handoff_rules import rank_ucx_ports
 from trellis.registry import Member, ReplicaLoad, open_registry
-from trellis.spec import DeploySpec, SpecError, StageSpec
+from trellis.spec import DeploySpec, SpecError
 from trellis.transport.ucx import Link, LinkClosed, Listener, connect
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 
@@ -96,16 +97,10 @@ def launch_from_spec(spec: DeploySpec, replica: int, stage: int) -> StageLaunch:
         max_model_len=max_len,
         max_num_seqs=spec.engine.max_num_seqs,
         gpu_memory_utilization=spec.engine.gpu_memory_utilization,
-        ucx_ports=rank_ucx_ports(st, len(rep.stages)),
+        ucx_ports=rank_ucx_ports(st.ucx_port, st.tp, len(rep.stages)),
         next_host=nxt.host,
-        next_ucx_ports=rank_ucx_ports(nxt, len(rep.stages)),
+        next_ucx_ports=rank_ucx_ports(nxt.ucx_port, nxt.tp, len(rep.stages)),
     )
-
-
-def rank_ucx_ports(st: StageSpec, num_stages: int) -> tuple[int, ...]:
-    """Where each TP rank of a stage listens on UCX: rank r on ucx_port + r (trellis.spec), the
-    peers only in a replica of several stages (the sliced hand-off of the hidden states)."""
-    return tuple(st.ucx_port + r for r in range(st.tp if num_stages > 1 else 1))
 
 
 class StageService:
@@ -208,7 +203,7 @@ class StageService:
             done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
             await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             if work in done:
-                code = 0 if work.result() == "stopped" else 1
+                code = 0 if work.result() else 1
             else:
                 code = await self._shutdown(work)
             if registry is not None:
@@ -222,16 +217,17 @@ class StageService:
         self._log.info("stage exits", code=code)
         return code
 
-    async def _serve(self, inbound: Link | None, outbound: Link | None) -> str:
+    async def _serve(self, inbound: Link | None, outbound: Link | None) -> bool:
+        """Run this stage until the ring stops (True) or fails (False)."""
         launch = self.launch
         if launch.stage != 0:
             self.ready = True
             try:
-                reason = await serve_stage(self.executor, inbound, outbound)
+                end = await serve_stage(self.executor, inbound, outbound)
             except LinkClosed as e:  # a neighbour died (e.g. kill -9): this replica is broken
                 self._log.error("ring broken", error=str(e))
-                return "failed"
-            return "stopped" if "shutdown" in reason else "failed"
+                return False
+            return end.stopped
         e = self.spec.engine
         num_blocks = await ring_handshake(self.executor, outbound, inbound, LINK_TIMEOUT_S)
         sched = Scheduler(
@@ -257,8 +253,8 @@ class StageService:
             reporter.cancel()
         if self.head.failed is not None:
             await asyncio.sleep(1.0)  # let the UNAVAILABLE statuses reach the router
-            return "failed"
-        return "stopped"
+            return False
+        return True
 
     async def _wait_ready(self, work: asyncio.Task) -> None:
         while not self.ready:

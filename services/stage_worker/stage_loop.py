@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from services.stage_worker.executor import StageExecutor, StageOutput
 from services.stage_worker.handoff import payload_tensor
+from services.stage_worker.launch import StageLaunch
 from services.stage_worker.plan import StepPlan, StepResult
 from trellis import log
 from trellis.rpc import pipe
@@ -23,8 +25,17 @@ from trellis.transport.ucx import Link, LinkClosed
 REPORT_TIMEOUT_S = 5.0
 
 
+@dataclass(frozen=True)
+class StageEnd:
+    """How a stage's loop ended: `stopped` when the ring's Stop came round (a clean exit), else it
+    failed; `reason` says what ended it, for the log."""
+
+    stopped: bool
+    reason: str
+
+
 async def send_output(
-    link: Link, plan: StepPlan, out: StageOutput, dtype: str, busy_before: Sequence[float]
+    link: Link, plan: StepPlan, out: StageOutput, launch: StageLaunch, busy_before: Sequence[float]
 ) -> None:
     """Pass one plan's output on, this stage's busy seconds appended: activations to the next
     stage, or the result to the head (the ids in the header, the logits if asked as the payload)."""
@@ -34,7 +45,8 @@ async def send_output(
         header = pipe.encode(pipe.Result(StepResult(r.step_id, r.seq_ids, r.token_ids, r.steps), busy))
         await link.send(header, None if r.logits is None else r.logits.contiguous())
         return
-    await link.send(pipe.encode(pipe.Activations(plan, dtype, out.shape, out.slices, busy)), out.value)
+    msg = pipe.Activations(plan, launch.dtype, out.shape, launch.slices, busy)
+    await link.send(pipe.encode(msg), out.value)
 
 
 async def report_failure(link: Link, why: str) -> None:
@@ -45,8 +57,8 @@ async def report_failure(link: Link, why: str) -> None:
         log.get().warning("could not report the failure downstream", error=str(e) or "timed out")
 
 
-async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) -> str:
-    """Run until the ring stops; returns why ("shutdown" in it when stopped cleanly)."""
+async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) -> StageEnd:
+    """Run until the ring stops or this stage fails."""
     serving = asyncio.create_task(_serve(executor, inbound, outbound))
     watchdog = asyncio.create_task(executor.watch_peers())
     try:
@@ -60,10 +72,10 @@ async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) ->
     why = watchdog.result()
     log.get().error("stage failed", error=why)
     await report_failure(outbound, why)
-    return f"failed: {why}"
+    return StageEnd(False, f"failed: {why}")
 
 
-async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> str:
+async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> StageEnd:
     logger = log.get()
     launch = executor.launch
     while True:
@@ -83,8 +95,8 @@ async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> str:
                     why = f"stage {launch.stage} failed: {e}"
                     logger.error("stage failed", error=why)
                     await report_failure(outbound, why)
-                    return why
-                await send_output(outbound, plan, out, launch.dtype, busy)
+                    return StageEnd(False, why)
+                await send_output(outbound, plan, out, launch, busy)
             case pipe.Hello(token, num_blocks):
                 mine = executor.ctx.runner.num_blocks
                 await outbound.send(pipe.encode(pipe.Hello(token, min(num_blocks, mine))))
@@ -96,6 +108,6 @@ async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> str:
                     reason=str(msg),
                     activation_bytes_received=inbound.payload_bytes_received,
                 )
-                return str(msg)
+                return StageEnd(isinstance(msg, pipe.Stop), str(msg))
             case _:
                 logger.warning("unexpected pipe message", kind=type(msg).__name__)

@@ -18,7 +18,7 @@ from services.stage_worker.handoff import HandoffError
 from services.stage_worker.launch import StageLaunch
 from services.stage_worker.model.errors import ModelError
 from services.stage_worker.rank import die_with_parent, dump_stacks_if_hung
-from services.stage_worker.stage_loop import serve_stage
+from services.stage_worker.stage_loop import StageEnd, serve_stage
 from trellis import log
 from trellis.transport import ucx
 from trellis.transport.ucx import LinkClosed, Listener, connect
@@ -38,17 +38,17 @@ async def run_stage(launch: StageLaunch, listen_port: int, next_host: str, next_
     inbound = await listener.accept(timeout=LINK_TIMEOUT_S)
     try:
         await executor.peers_linked()
-        reason = await serve_stage(executor, inbound, outbound)
-        logger.info("stage stopped", reason=reason)
+        end = await serve_stage(executor, inbound, outbound)
+        logger.info("stage stopped", reason=end.reason)
     except LinkClosed as e:  # a neighbour went away (it failed, or the head gave up): one line
-        reason = f"ring broken: {e}"
+        end = StageEnd(False, f"ring broken: {e}")
         logger.error("ring broken", error=str(e))
     finally:
         await executor.stop()
         await inbound.close()
         await outbound.close()
         listener.close()
-    return 0 if "shutdown" in reason else 1
+    return 0 if end.stopped else 1
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from services.stage_worker.model.config import ModelConfig
 from services.stage_worker.model.kv_cache import KVCache
 from services.stage_worker.model.linear import QKVParallelLinear, RowParallelLinear
 from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.model.rotary import apply_rotary
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias, tp=tp, dtype=dtype
         )
-        self.fused = None  # on GPU: the Triton kernels module (rotary of q and k in one kernel)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:  # [tokens, hidden] -> same
         tokens = x.shape[0]
@@ -55,16 +53,8 @@ class Attention(nn.Module):
         k = k.view(tokens, -1, self.head_dim)  # [tokens, kv_heads, head_dim]
         v = v.view(tokens, -1, self.head_dim)
         kv_cache = ctx.kv_cache.layer(self.layer_idx)
-        # GPU: the backend's forward_rotary rotates q, k and writes the KV cache in one kernel.
-        rotate_store_attend = getattr(ctx.backend, "forward_rotary", None) if self.fused is not None else None
-        if rotate_store_attend is not None:
-            out = rotate_store_attend(
-                q, k, v, ctx.cos, ctx.sin, kv_cache, scale=self.scale, sliding_window=self.sliding_window
-            )
-        else:
-            if self.fused is not None:
-                q, k = self.fused.apply_rotary(q, k, ctx.cos, ctx.sin)
-            else:
-                q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-            out = ctx.backend.forward(q, k, v, kv_cache, scale=self.scale, sliding_window=self.sliding_window)
+        # The backend rotates q, k (on GPU in the same kernel as the KV-cache write), then attends.
+        out = ctx.backend.forward_rotary(
+            q, k, v, ctx.cos, ctx.sin, kv_cache, scale=self.scale, sliding_window=self.sliding_window
+        )
         return self.o_proj(out.reshape(tokens, -1))

@@ -1,7 +1,7 @@
 """How attention reads and writes the paged KV cache, behind a small interface.
 
 ``TorchReferenceBackend`` is the plain PyTorch path: the reference on CPU, one SDPA call per sequence.
-A fast GPU backend (paged decode kernel, CUDA graphs) implements the same two methods.
+A fast GPU backend (paged decode kernel, CUDA graphs) implements the same three methods.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from services.stage_worker.model.attention_metadata import AttentionMetadata, attend_paged, key_slots
+from services.stage_worker.model.rotary import apply_rotary
 
 
 class AttentionBackend(Protocol):
@@ -31,6 +32,22 @@ class AttentionBackend(Protocol):
         """Store this step's k, v [tokens, kv_heads, head_dim] in the cache, then attend with q
         [tokens, q_heads, head_dim] causally over each sequence's cached keys.
         Returns [tokens, q_heads, head_dim]."""
+        ...
+
+    def forward_rotary(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        *,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """forward for q, k not yet rotated: rotate both by cos/sin [tokens, head_dim] first (the
+        backend picks how, e.g. in the same kernel as the KV store)."""
         ...
 
 
@@ -69,3 +86,19 @@ class TorchReferenceBackend:
             )
             row += n
         return out
+
+    def forward_rotary(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        *,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """AttentionBackend.forward_rotary: rotary.py's rotation of q and k, then forward."""
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.forward(q, k, v, kv_cache, scale=scale, sliding_window=sliding_window)

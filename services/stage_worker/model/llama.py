@@ -84,13 +84,13 @@ class LlamaStageModel(nn.Module):
         self.fused = None
 
     def use_fused_kernels(self) -> None:
-        """GPU: Triton kernels for norm+residual, rotary, SiLU-gate (same math, far fewer launches)."""
+        """GPU: Triton kernels for norm+residual and SiLU-gate (same math, far fewer launches); the
+        rotary is the attention backend's (GpuAttentionBackend.forward_rotary)."""
         from services.stage_worker.model import triton_ops  # needs triton: imported on GPU only
 
         self.fused = triton_ops
         for layer in self.model.layers.values():
             layer.mlp.fused = triton_ops
-            layer.self_attn.fused = triton_ops
 
     def rotary_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(positions, self.dtype)

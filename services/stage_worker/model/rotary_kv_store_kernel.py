@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from services.stage_worker.model.kv_store_kernel import check_store_kv_inputs
-from services.stage_worker.model.triton_ops import _rotate_heads, check_rotary_inputs, rotate_halves
+from services.stage_worker.model.triton_ops import check_rotary_inputs, rotate_halves, rotate_heads
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _rotary_store_kv_kernel(
     dim_mask = dims < HALF
     cos = tl.load(cos_ptr + token * cos_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * sin_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    _rotate_heads(
+    rotate_heads(
         q_ptr + token * q_token_stride,
         q_head_stride,
         cos,

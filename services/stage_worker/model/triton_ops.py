@@ -154,7 +154,7 @@ def rotate_halves(x1, x2, cos, sin):
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     base_ptr,
     head_stride,
     cos,
@@ -200,7 +200,7 @@ def _rotary_kernel(
     dim_mask = dims < HALF
     cos = tl.load(cos_ptr + token * cos_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * sin_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    _rotate_heads(
+    rotate_heads(
         q_ptr + token * q_token_stride,
         q_head_stride,
         cos,
@@ -211,7 +211,7 @@ def _rotary_kernel(
         HALF,
         BLOCK_Q_HEADS,
     )
-    _rotate_heads(
+    rotate_heads(
         k_ptr + token * k_token_stride,
         k_head_stride,
         cos,
