@@ -100,7 +100,9 @@ class StageExecutor:
                 hidden = ctx.control.gather_columns(received)
         out = ctx.runner.execute(plan, hidden)  # the runner attaches logits when the plan asks
         if isinstance(out, StepResult):
-            return StageOutput(out, self._synced_since(start))
+            # Sampled ids reached the host, so the device is done; a step that sampled none syncs.
+            busy = time.perf_counter() - start if out.token_ids else self._synced_since(start)
+            return StageOutput(out, busy)
         shape = tuple(out.shape)
         if launch.sliced_handoff:
             out = column_slice(out, 0, launch.tp)

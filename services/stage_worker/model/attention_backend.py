@@ -1,7 +1,8 @@
 """How attention reads and writes the paged KV cache, behind a small interface.
 
 ``TorchReferenceBackend`` is the plain PyTorch path: the reference on CPU, one SDPA call per sequence.
-A fast GPU backend (paged decode kernel, CUDA graphs) implements the same three methods.
+A fast GPU backend (paged decode kernel, CUDA graphs) implements the same two methods (`begin_step`,
+`forward_rotary`).
 """
 
 from __future__ import annotations
@@ -19,21 +20,6 @@ class AttentionBackend(Protocol):
         """Called once per step before the first layer: precompute what every layer shares."""
         ...
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        *,
-        scale: float,
-        sliding_window: int | None,
-    ) -> torch.Tensor:
-        """Store this step's k, v [tokens, kv_heads, head_dim] in the cache, then attend with q
-        [tokens, q_heads, head_dim] causally over each sequence's cached keys.
-        Returns [tokens, q_heads, head_dim]."""
-        ...
-
     def forward_rotary(
         self,
         q: torch.Tensor,
@@ -46,8 +32,10 @@ class AttentionBackend(Protocol):
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        """forward for q, k not yet rotated: rotate both by cos/sin [tokens, head_dim] first (the
-        backend picks how, e.g. in the same kernel as the KV store)."""
+        """Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] by cos/sin
+        [tokens, head_dim] (the backend picks how, e.g. in the same kernel as the KV store), store this
+        step's k, v in the cache, then attend with q causally over each sequence's cached keys.
+        Returns [tokens, q_heads, head_dim]."""
         ...
 
 

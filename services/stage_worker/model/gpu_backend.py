@@ -1,6 +1,6 @@
 """The GPU attention backend: KV stores and decode in Triton kernels, prefill in flash attention.
 
-forward_rotary also rotates q and k, in the same kernel as the KV store. Decode rows (one query
+forward_rotary rotates q and k in the same kernel as the KV store. Decode rows (one query
 token) go through the paged decode kernel, which reads context lengths and block tables on the
 device, so a decode step can be captured in a CUDA graph. Prefill chunks run PyTorch SDPA per
 sequence: the flash kernel directly on the chunk's own K/V when the sequence has no earlier
@@ -43,21 +43,6 @@ class GpuAttentionBackend:
         self._decode_rows = torch.tensor(decode_rows, dtype=torch.int64).to(device, non_blocking=True)
         self._decode_seqs = torch.tensor(decode_seqs, dtype=torch.int64).to(device, non_blocking=True)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        *,
-        scale: float,
-        sliding_window: int | None,
-    ) -> torch.Tensor:
-        """AttentionBackend.forward: q, k already rotated; stores k, v, then attends."""
-        k_cache, v_cache = kv_cache
-        triton_ops.store_kv(k, v, k_cache, v_cache, self._meta.slot_mapping)
-        return self._attend(q, k, v, kv_cache, scale=scale, sliding_window=sliding_window)
-
     def forward_rotary(
         self,
         q: torch.Tensor,
@@ -70,8 +55,8 @@ class GpuAttentionBackend:
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        """forward for q, k not yet rotated: one kernel rotates them in place by cos/sin [tokens,
-        head_dim] and writes the rotated k and v into the cache, then attention runs as in forward."""
+        """AttentionBackend.forward_rotary: one kernel rotates q, k in place by cos/sin [tokens,
+        head_dim] and writes the rotated k and v into the cache, then attention runs."""
         k_cache, v_cache = kv_cache
         q, k = triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, self._meta.slot_mapping)
         return self._attend(q, k, v, kv_cache, scale=scale, sliding_window=sliding_window)
