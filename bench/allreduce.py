@@ -52,7 +52,7 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    from services.stage_worker.model.custom_allreduce import OneShotAllReduce
+    from trellis.runtime.model.custom_allreduce import OneShotAllReduce
 
     custom = OneShotAllReduce.create(
         dist.group.WORLD, max_bytes=max(SIZES), device=torch.device("cuda", rank)

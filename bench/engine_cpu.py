@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.plan import SamplingParams
-from trellis import log
+from trellis.core import log
+from trellis.core.plan import SamplingParams
+from trellis.engine import Engine, EngineArgs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPLITS = ((1, 1), (2, 1), (1, 2))  # (TP, PP)

@@ -18,8 +18,8 @@ import time
 
 from gpu_common import bench_record, card, copy_bandwidth, say, steady_tpot, write_json
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.plan import SamplingParams
+from trellis.core.plan import SamplingParams
+from trellis.engine import Engine, EngineArgs
 from trellis.planner.model import load_model
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    from services.stage_worker.rank import dump_stacks_if_hung
+    from trellis.runtime.rank import dump_stacks_if_hung
 
     dump_stacks_if_hung()
     info = card()

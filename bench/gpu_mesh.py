@@ -17,10 +17,10 @@ import time
 
 from gpu_common import bench_record, card, say, steady_tpot, write_json
 
-from trellis.client import RouterClient
-from trellis.local_spec import local_spec
-from trellis.mesh import Mesh
-from trellis.spec import EngineSpec
+from trellis.core.spec import EngineSpec
+from trellis.deploy.local_spec import local_spec
+from trellis.deploy.mesh import Mesh
+from trellis.wire.router_client import RouterClient
 
 
 def one_stream(address: str, prompt: list[int], n: int, out: list, i: int) -> None:

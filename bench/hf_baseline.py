@@ -17,7 +17,7 @@ import torch
 from gpu_common import card, say, write_json
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from trellis.presets import model_config
+from trellis.core.presets import model_config
 
 
 def timed_generate(model, ids: torch.Tensor, new: int) -> float:

@@ -48,7 +48,7 @@ MODEL = {
     "max_position_embeddings": 1024,
 }
 STAGES, TP = 2, 2
-# The mesh's processes get these from trellis.mesh.Mesh; the offline engine's are set here to match.
+# The mesh's processes get these from trellis.deploy.mesh.Mesh; the offline engine's are set here to match.
 RANK_ENV = {
     "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (STAGES * TP))),
     "UCXPY_ENABLE_PYTHON_FUTURE": "1",
@@ -176,8 +176,8 @@ def mesh_sender(address: str) -> Sender:
 
 
 def run_mesh(model: Path, replicas: int, work: Workload) -> dict[str, dict[str, Any]]:
-    from trellis.local_spec import local_spec
-    from trellis.mesh import Mesh
+    from trellis.deploy.local_spec import local_spec
+    from trellis.deploy.mesh import Mesh
 
     spec = local_spec(str(model), replicas=replicas, stages=STAGES, tp=TP)
     say(f"mesh {replicas} x {STAGES} stages x TP {TP}: starting {replicas * STAGES * TP} ranks, the router")
@@ -196,7 +196,7 @@ def run_mesh(model: Path, replicas: int, work: Workload) -> dict[str, dict[str, 
 async def engine_requests(
     engine: Any, prompts: list[list[int]], output_len: int, at_once: bool
 ) -> list[Timing]:
-    from services.stage_worker.plan import SamplingParams
+    from trellis.core.plan import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
 
@@ -214,7 +214,7 @@ async def engine_requests(
 
 
 def run_engine(model: Path, work: Workload) -> dict[str, dict[str, Any]]:
-    from services.stage_worker.engine import Engine, EngineArgs
+    from trellis.engine import Engine, EngineArgs
 
     say(f"offline engine TP {TP} x PP {STAGES}: starting")
     os.environ.update(RANK_ENV)  # its stage processes inherit these; this process is the head's rank 0
@@ -289,7 +289,7 @@ def ucx_child(args: argparse.Namespace) -> None:
 
 
 def run_ucx(reps: int) -> dict[str, Any]:
-    from trellis.net import free_ports
+    from trellis.core.net import free_ports
 
     out = {}
     for mode, python_future in (("python-future", "1"), ("yield-loop (ucxx default)", "0")):
@@ -418,7 +418,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.ucx_echo or args.ucx_ping:
         return ucx_child(args)
-    from trellis import log
+    from trellis.core import log
 
     os.environ.setdefault("TRELLIS_LOG_LEVEL", "WARNING")
     log.configure("bench")

@@ -12,8 +12,8 @@ from collections import defaultdict
 import torch
 from gpu_common import say
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.plan import SamplingParams
+from trellis.core.plan import SamplingParams
+from trellis.engine import Engine, EngineArgs
 
 
 def kernel_times(engine: Engine, prompts: list[list[int]], n: int) -> dict[str, list[float]]:

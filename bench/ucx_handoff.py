@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from trellis.net import free_ports
+from trellis.core.net import free_ports
 from trellis.transport.ucx import Listener, connect
 
 SMALL = [4 << 10, 16 << 10, 64 << 10]

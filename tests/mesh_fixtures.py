@@ -22,10 +22,10 @@ import torch
 from tokenizers import Tokenizer
 
 from tests.checkpoints import NORM_JITTER, WEIGHT_STD, make_checkpoint
-from trellis.demo.model import demo_model
-from trellis.local_spec import local_spec
-from trellis.mesh import Mesh, Service
-from trellis.spec import DeploySpec
+from trellis.core.spec import DeploySpec
+from trellis.deploy.demo_model import demo_model
+from trellis.deploy.local_spec import local_spec
+from trellis.deploy.mesh import Mesh, Service
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 
 START_TIMEOUT_S = 240.0

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
-from services.stage_worker.runner import StageRunner
+from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.runtime.model.parallel import TPGroup
+from trellis.runtime.runner import StageRunner
 
 
 @dataclass

@@ -14,22 +14,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from services.router.replicas import ReplicaSet
-from services.router.server import RouterServicer
-from services.router.validation import Limits
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.errors import ModelError
-from trellis import log
+from services.router.servicer import RouterServicer
+from trellis.core import log
+from trellis.core.errors import ModelError
+from trellis.core.model_config import load_model_config
+from trellis.core.spec import DeploySpec, SpecError, load
+from trellis.core.telemetry import setup_tracing
+from trellis.core.tokenizer import TokenizerMissing, load_tokenizer
 from trellis.registry import open_registry
-from trellis.spec import DeploySpec, SpecError, load
-from trellis.telemetry import setup_tracing
-from trellis.tokenizer import TokenizerMissing, load_tokenizer
+from trellis.routing.replicas import ReplicaSet
+from trellis.routing.validation import Limits
 from trellis.v1 import router_pb2_grpc
 
 
 def _model(spec: DeploySpec):
     if spec.model.preset is not None:
-        from trellis.presets import model_config
+        from trellis.core.presets import model_config
 
         return load_model_config(model_config(spec.model.preset)), None, spec.model.preset
     cfg = load_model_config(spec.model.path)

@@ -13,9 +13,9 @@ import asyncio
 import os
 import sys
 
-from trellis import log
-from trellis.spec import SpecError, load
-from trellis.telemetry import setup_tracing
+from trellis.core import log
+from trellis.core.spec import SpecError, load
+from trellis.core.telemetry import setup_tracing
 from trellis.transport import ucx
 
 

@@ -17,19 +17,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from services.stage_worker.executor import StageExecutor
-from services.stage_worker.head import Head, ring_handshake
-from services.stage_worker.launch import StageLaunch
-from services.stage_worker.layout import default_num_blocks
-from services.stage_worker.rank import model_config
-from services.stage_worker.scheduler import Scheduler, SchedulerConfig
-from services.stage_worker.server import StageWorkerServicer
-from services.stage_worker.stage_loop import serve_stage
-from services.stage_worker.stage_proc import LINK_TIMEOUT_S
-from trellis import log
-from trellis.handoff_rules import rank_ucx_ports
+from services.stage_worker.servicer import StageWorkerServicer
+from trellis.core import log
+from trellis.core.handoff_rules import rank_ucx_ports
+from trellis.core.layout import default_num_blocks
+from trellis.core.spec import DeploySpec, SpecError
 from trellis.registry import Member, ReplicaLoad, open_registry
-from trellis.spec import DeploySpec, SpecError
+from trellis.runtime.executor import StageExecutor
+from trellis.runtime.head import Head, ring_handshake
+from trellis.runtime.launch import StageLaunch
+from trellis.runtime.rank import model_config
+from trellis.runtime.stage_loop import serve_stage
+from trellis.runtime.stage_proc import LINK_TIMEOUT_S
+from trellis.scheduling.scheduler import Scheduler, SchedulerConfig
 from trellis.transport.ucx import Link, LinkClosed, Listener, connect
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 

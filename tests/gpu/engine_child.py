@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.plan import SamplingParams
+from trellis.core.plan import SamplingParams
+from trellis.engine import Engine, EngineArgs
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.plan import SamplingParams
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
+from trellis.core.plan import SamplingParams
+from trellis.engine import Engine, EngineArgs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -15,8 +15,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # collected first on CPU: keep the unit tests' interpreter mode
 pytest.importorskip("triton")
 
-from services.stage_worker.model.attention_backend import TorchReferenceBackend
-from services.stage_worker.model.paged_decode import paged_decode_attention
 from tests.unit.test_paged_decode import (
     CASES,
     DecodeCase,
@@ -33,6 +31,8 @@ from tests.unit.test_triton_ops import (
     check_silu_and_mul,
     check_store_kv,
 )
+from trellis.runtime.kernels.paged_decode import paged_decode_attention
+from trellis.runtime.model.attention_backend import TorchReferenceBackend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from services.stage_worker.engine import Engine, EngineArgs, EngineError
 from tests.checkpoints import make_checkpoint
 from tests.integration.engine_cases import small_cpu_env
+from trellis.engine import Engine, EngineArgs, EngineError
 
 KIND = "llama-gqa"  # 8 attention heads, 2 kv heads, 4 layers, 512 positions
 CLI_TIMEOUT_S = 120

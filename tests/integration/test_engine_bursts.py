@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.plan import SamplingParams
 from tests.checkpoints import make_checkpoint, reference_generate
+from trellis.core.plan import SamplingParams
+from trellis.engine import Engine, EngineArgs
 
 PROMPTS = [[5, 9, 2, 7], [1] * 30, [3, 1, 4, 1, 5, 9, 2, 6], [11]]
 

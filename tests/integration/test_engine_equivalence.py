@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.stage_worker.engine import Engine, EngineArgs
-from services.stage_worker.model.config import load_model_config
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.integration.engine_cases import (
     GREEDY,
@@ -24,6 +22,8 @@ from tests.integration.engine_cases import (
     shrink_vocab,
     small_cpu_env,
 )
+from trellis.core.model_config import load_model_config
+from trellis.engine import Engine, EngineArgs
 
 # 997 is odd and prime: no TP split divides it, so the vocab-parallel shards need padding.
 ODD_VOCAB = 997

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.stage_worker.engine import Engine, EngineArgs, EngineError
-from services.stage_worker.model.config import load_model_config
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.integration.engine_cases import (
     GREEDY,
@@ -29,6 +27,8 @@ from tests.integration.engine_cases import (
     relative_error,
     small_cpu_env,
 )
+from trellis.core.model_config import load_model_config
+from trellis.engine import Engine, EngineArgs, EngineError
 
 pytestmark = pytest.mark.timeout(300)
 

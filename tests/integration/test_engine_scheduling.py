@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.stage_worker.engine import Completion, Engine, EngineArgs
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.plan import SamplingParams
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.integration.engine_cases import (
     GREEDY,
@@ -27,6 +24,9 @@ from tests.integration.engine_cases import (
     relative_error,
     small_cpu_env,
 )
+from trellis.core.model_config import load_model_config
+from trellis.core.plan import SamplingParams
+from trellis.engine import Completion, Engine, EngineArgs
 
 KIND = "qwen2"
 GREEDY_LENGTHS = (1, 5, 23, 40, 77, 128, 190, 200)

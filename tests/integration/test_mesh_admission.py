@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from tests.mesh_fixtures import StreamReader, collect, mesh_pids, pid_alive, running_mesh, wait_for
-from trellis.client import RouterClient
-from trellis.local_spec import local_spec
-from trellis.mesh import Mesh
+from trellis.deploy.local_spec import local_spec
+from trellis.deploy.mesh import Mesh
+from trellis.wire.router_client import RouterClient
 
 pytestmark = pytest.mark.timeout(240)
 

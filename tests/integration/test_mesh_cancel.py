@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from tests.mesh_fixtures import collect, head_address, stage_stats, wait_for
-from trellis.client import RouterClient
-from trellis.mesh import Mesh
+from trellis.deploy.mesh import Mesh
 from trellis.v1 import stage_pb2
+from trellis.wire.router_client import RouterClient
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.mesh_fixtures import descendants, pid_alive
-from trellis.local_spec import local_spec
+from trellis.deploy.local_spec import local_spec
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -135,7 +135,11 @@ def up(tmp_path: Path, tokenized_ckpt: Path) -> Iterator[tuple[subprocess.Popen,
     local_spec(str(tokenized_ckpt), replicas=1, stages=2, tp=2).dump(spec)
     stderr = (tmp_path / "up.stderr").open("w")
     proc = subprocess.Popen(
-        [PY, "-m", "trellis.cli", "up", str(spec)], env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True
+        [PY, "-m", "trellis.cli", "up", str(spec)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
     )
     try:
         yield proc, Lines(proc), spec

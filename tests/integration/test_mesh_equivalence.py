@@ -12,8 +12,8 @@ from tokenizers import Tokenizer
 
 from tests.checkpoints import reference_generate
 from tests.mesh_fixtures import StreamResult, collect, head_address, stage_stats
-from trellis.client import RouterClient
-from trellis.mesh import Mesh
+from trellis.deploy.mesh import Mesh
+from trellis.wire.router_client import RouterClient
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from tests.mesh_fixtures import mesh_pids, pid_alive
-from trellis.client import RouterClient
-from trellis.mesh import Mesh
+from trellis.deploy.mesh import Mesh
 from trellis.v1 import router_pb2, router_pb2_grpc
+from trellis.wire.router_client import RouterClient
 
 pytestmark = pytest.mark.timeout(180)
 

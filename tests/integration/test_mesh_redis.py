@@ -15,9 +15,9 @@ import redis
 
 from services.stage_worker.service import LEASE_TTL_S
 from tests.mesh_fixtures import StreamReader, collect, running_mesh, service, wait_for
-from trellis.client import RouterClient
-from trellis.local_spec import local_spec
-from trellis.mesh import Mesh, health
+from trellis.deploy.local_spec import local_spec
+from trellis.deploy.mesh import Mesh, health
+from trellis.wire.router_client import RouterClient
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,8 +7,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.mesh_fixtures import StreamResult, collect, head_address, stage_stats, wait_for
-from trellis.client import RouterClient
-from trellis.mesh import Mesh
+from trellis.deploy.mesh import Mesh
+from trellis.wire.router_client import RouterClient
 
 pytestmark = pytest.mark.timeout(180)
 

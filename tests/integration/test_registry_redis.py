@@ -87,7 +87,7 @@ def test_router_discovers_complete_replicas(redis_url: str) -> None:
 # The worker side in its own process, so that "killed" means SIGKILL: no deregistration, no cleanup.
 WORKER = """
 import asyncio, sys
-from trellis import log
+from trellis.core import log
 from trellis.registry import Member, RedisRegistry
 
 async def main(url, ns):

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.plan import SamplingParams
-from services.stage_worker.runner import StageRunner
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.integration.tp_worker import run_rank
 from tests.stage_driver import drive
+from trellis.core.model_config import load_model_config
+from trellis.core.plan import SamplingParams
+from trellis.runtime.model.parallel import TPGroup
+from trellis.runtime.runner import StageRunner
 
 NEW_TOKENS = 12
 BLOCK_SIZE = 4

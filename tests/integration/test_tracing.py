@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from tests.mesh_fixtures import running_mesh
-from trellis.client import RouterClient
-from trellis.local_spec import local_spec
+from trellis.deploy.local_spec import local_spec
+from trellis.wire.router_client import RouterClient
 
 
 def spans(path) -> list[dict]:

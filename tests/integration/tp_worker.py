@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.plan import SamplingParams
-from services.stage_worker.runner import StageRunner
 from tests.stage_driver import drive
+from trellis.core.model_config import load_model_config
+from trellis.core.plan import SamplingParams
+from trellis.runtime.model.parallel import TPGroup
+from trellis.runtime.runner import StageRunner
 
 
 def run_rank(rank: int, world: int, port: int, scenario: dict[str, Any], results: Any) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.stage_worker.block_manager import BlockManager, NoFreeBlocksError
-from services.stage_worker.plan import SamplingParams
-from services.stage_worker.sequence import Sequence
-from trellis.hashing import block_hashes
+from trellis.core.hashing import block_hashes
+from trellis.core.plan import SamplingParams
+from trellis.scheduling.block_manager import BlockManager, NoFreeBlocksError
+from trellis.scheduling.sequence import Sequence
 
 
 def make_seq(seq_id: int, prompt: list[int], outputs: list[int] | None = None) -> Sequence:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import pytest
 from tokenizers import Tokenizer
 
-from services.router.detokenizer import IncrementalDetokenizer
+from trellis.routing.detokenizer import IncrementalDetokenizer
 
 REPLACEMENT = "\ufffd"
 TEXTS = [

@@ -12,12 +12,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.gpu_backend import GpuAttentionBackend
-from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.runner import StageRunner
 from tests.checkpoints import make_checkpoint
 from tests.stage_driver import drive
+from trellis.core.model_config import load_model_config
+from trellis.runtime.model.gpu_backend import GpuAttentionBackend
+from trellis.runtime.model.parallel import TPGroup
+from trellis.runtime.runner import StageRunner
 
 PROMPTS = [[5, 9, 2], [7] * 21, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7], [11]]
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from trellis.hashing import HashingError, block_hashes, hash_block, root_hash
+from trellis.core.hashing import HashingError, block_hashes, hash_block, root_hash
 
 TOKENS = [5, 17, 0, 2**31 - 1, 42, 7, 7, 7, 100, 3]
 
@@ -72,7 +72,7 @@ def test_extra_key_separates_models() -> None:
 
 
 def test_same_names_in_another_process() -> None:
-    code = "from trellis.hashing import block_hashes; print(block_hashes(list(range(40)), 8, 'k'))"
+    code = "from trellis.core.hashing import block_hashes; print(block_hashes(list(range(40)), 8, 'k'))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(block_hashes(list(range(40)), 8, "k"))

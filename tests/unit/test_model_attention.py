@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from services.stage_worker.model.attention_backend import TorchReferenceBackend
-from services.stage_worker.model.attention_metadata import build_attention_metadata
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.kv_cache import KVCache, kv_cache_bytes_per_block, slot_of
+from trellis.core.model_config import load_model_config
+from trellis.runtime.model.attention_backend import TorchReferenceBackend
+from trellis.runtime.model.attention_metadata import build_attention_metadata
+from trellis.runtime.model.kv_cache import KVCache, kv_cache_bytes_per_block, slot_of
 
 BLOCK = 4
 Q_HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from services.stage_worker.model.config import RopeScaling, check_parallel, load_model_config
-from services.stage_worker.model.errors import ModelError
 from tests.checkpoints import make_checkpoint
+from trellis.core.errors import ModelError
+from trellis.core.model_config import RopeScaling, check_parallel, load_model_config
 
 
 def llama_dict(**overrides: Any) -> dict[str, Any]:

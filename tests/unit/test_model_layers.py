@@ -10,18 +10,18 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.embedding import ParallelLMHead, VocabParallelEmbedding, padded_vocab_size
-from services.stage_worker.model.errors import ModelError
-from services.stage_worker.model.linear import (
+from trellis.core.errors import ModelError
+from trellis.core.model_config import load_model_config
+from trellis.runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding, padded_vocab_size
+from trellis.runtime.model.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from services.stage_worker.model.norm import RMSNorm
-from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.model.rotary import RotaryEmbedding, apply_rotary
+from trellis.runtime.model.norm import RMSNorm
+from trellis.runtime.model.parallel import TPGroup
+from trellis.runtime.model.rotary import RotaryEmbedding, apply_rotary
 
 F32 = torch.float32
 ROPES = [

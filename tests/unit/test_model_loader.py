@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from services.stage_worker.model.config import load_model_config
-from services.stage_worker.model.errors import ModelError
-from services.stage_worker.model.llama import LlamaStageModel
-from services.stage_worker.model.loader import build_stage_model, load_weights
-from services.stage_worker.model.parallel import TPGroup
 from tests.checkpoints import make_checkpoint
+from trellis.core.errors import ModelError
+from trellis.core.model_config import load_model_config
+from trellis.runtime.model.llama import LlamaStageModel
+from trellis.runtime.model.loader import build_stage_model, load_weights
+from trellis.runtime.model.parallel import TPGroup
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.stage_worker.model.config import ModelConfig, load_model_config
-from services.stage_worker.model.parallel import TPGroup
-from services.stage_worker.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
-from services.stage_worker.runner import PlanError, StageRunner
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.stage_driver import drive
+from trellis.core.model_config import ModelConfig, load_model_config
+from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.runtime.model.parallel import TPGroup
+from trellis.runtime.runner import PlanError, StageRunner
 
 KINDS = ("llama-gqa", "llama-tied", "qwen2", "mistral")
 NEW_TOKENS = 16

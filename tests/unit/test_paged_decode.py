@@ -18,17 +18,17 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
 pytest.importorskip("triton")
 
-from services.stage_worker.model import triton_ops
-from services.stage_worker.model.attention_backend import TorchReferenceBackend
-from services.stage_worker.model.attention_metadata import build_attention_metadata
-from services.stage_worker.model.paged_decode import (
+from tests.unit.test_triton_ops import qkv_views
+from trellis.runtime.kernels import triton_ops
+from trellis.runtime.kernels.paged_decode import (
     choose_num_splits,
     paged_decode_attention,
     split_counters,
 )
-from services.stage_worker.model.rotary import RotaryEmbedding, apply_rotary
-from services.stage_worker.model.triton_ops import KernelInputError
-from tests.unit.test_triton_ops import qkv_views
+from trellis.runtime.kernels.triton_ops import KernelInputError
+from trellis.runtime.model.attention_backend import TorchReferenceBackend
+from trellis.runtime.model.attention_metadata import build_attention_metadata
+from trellis.runtime.model.rotary import RotaryEmbedding, apply_rotary
 
 DEVICE = torch.device("cpu")
 

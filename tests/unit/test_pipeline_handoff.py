@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.stage_worker.busy import StageBusy, bubble_fraction
-from services.stage_worker.handoff import column_slice, payload_tensor, sliced_handoff_problem
-from services.stage_worker.plan import SeqStep, StepPlan, StepResult
-from trellis.rpc import pipe
+from trellis.core.plan import SeqStep, StepPlan, StepResult
+from trellis.runtime.busy import StageBusy, bubble_fraction
+from trellis.runtime.handoff import column_slice, payload_tensor, sliced_handoff_problem
+from trellis.wire import pipe
 
 PLAN = StepPlan(step_id=7, seqs=(SeqStep(3, 0, (1, 2, 3), 0, (4,), True),))
 

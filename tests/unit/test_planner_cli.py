@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trellis.core.spec import load
 from trellis.planner import cli
-from trellis.spec import load
 
 
 def plan(capsys: pytest.CaptureFixture[str], args: str, *more: str) -> tuple[int, str, str]:

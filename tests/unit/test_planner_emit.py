@@ -1,4 +1,4 @@
-"""--emit-spec: the best plan as a deploy spec that trellis.spec loads back unchanged."""
+"""--emit-spec: the best plan as a deploy spec that trellis.core.spec loads back unchanged."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from trellis.core.spec import load
 from trellis.planner.calibration import default_calibration
 from trellis.planner.emit import build_spec, emit_spec
 from trellis.planner.errors import PlanError
@@ -13,7 +14,6 @@ from trellis.planner.hardware import cluster_from_args, parse_cluster
 from trellis.planner.model import load_model
 from trellis.planner.search import Plan, PlanOptions, make_plan
 from trellis.planner.workload import Lengths, Workload
-from trellis.spec import load
 
 W = Workload(Lengths("fixed", 1024), Lengths("fixed", 256))
 

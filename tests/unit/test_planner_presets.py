@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trellis.presets import PRESETS, SOURCES, UnknownPresetError, model_config
+from trellis.core.presets import PRESETS, SOURCES, UnknownPresetError, model_config
 
 
 def test_every_preset_has_a_source_and_a_llama_family_architecture() -> None:

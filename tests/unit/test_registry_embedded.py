@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from trellis.core.spec import DeploySpec, parse
 from trellis.registry import (
     EmbeddedRegistry,
     InvalidRecordError,
@@ -18,7 +19,6 @@ from trellis.registry import (
     complete_replicas,
     open_registry,
 )
-from trellis.spec import DeploySpec, parse
 
 
 def two_by_two_spec() -> DeploySpec:

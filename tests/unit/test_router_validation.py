@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from services.router.validation import (
+from trellis.routing.validation import (
     MAX_REQUEST_ID_LEN,
     MAX_STOP_STRINGS,
     InvalidRequest,

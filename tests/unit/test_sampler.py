@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from services.stage_worker.plan import SamplingParams
-from services.stage_worker.sampler import Sampler, apply_top_k_top_p, noise_seed, sample_tokens
+from trellis.core.plan import SamplingParams
+from trellis.runtime.sampler import Sampler, apply_top_k_top_p, noise_seed, sample_tokens
 
 GREEDY = SamplingParams()
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.stage_worker.plan import SamplingParams, StepPlan, StepResult
-from services.stage_worker.scheduler import (
+from trellis.core.plan import SamplingParams, StepPlan, StepResult
+from trellis.scheduling.scheduler import (
     InvalidRequestError,
     Scheduler,
     SchedulerConfig,

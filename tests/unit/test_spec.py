@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from trellis.spec import DeploySpec, SpecError, load, parse
+from trellis.core.spec import DeploySpec, SpecError, load, parse
 
 
 def good() -> dict[str, Any]:

@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
 pytest.importorskip("triton")
 
-from services.stage_worker.model import triton_ops
-from services.stage_worker.model.norm import RMSNorm
-from services.stage_worker.model.rotary import RotaryEmbedding, apply_rotary
+from trellis.runtime.kernels import triton_ops
+from trellis.runtime.model.norm import RMSNorm
+from trellis.runtime.model.rotary import RotaryEmbedding, apply_rotary
 
 DEVICE = torch.device("cpu")
 EPS = 1e-5

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from trellis.core.presets import PRESETS
+from trellis.core.spec import EngineSpec, SpecError
 from trellis.planner.calibration import default_calibration, load_calibration
 from trellis.planner.emit import emit_spec
 from trellis.planner.errors import PlanError
@@ -21,8 +23,6 @@ from trellis.planner.report import plan_json, render, table
 from trellis.planner.search import OBJECTIVES, PlanOptions, make_plan
 from trellis.planner.validate import load_results, validation_table
 from trellis.planner.workload import Workload, parse_lengths
-from trellis.presets import PRESETS
-from trellis.spec import EngineSpec, SpecError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
-    p.set_defaults(func=run)  # trellis.cli dispatches through args.func
+    p.set_defaults(func=run)  # trellis.cli.main dispatches through args.func
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""The best plan as a deploy spec (``trellis.spec``) that ``trellis up`` runs.
+"""The best plan as a deploy spec (``trellis.core.spec``) that ``trellis up`` runs.
 
 Ports are handed out in order from ``base_port``: the router takes the first; then each stage of
 each replica takes a control port, ``tp`` consecutive UCX ports and a torch.distributed port;
@@ -11,9 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
+from trellis.core.spec import (
+    DeploySpec,
+    EngineSpec,
+    KVStoreSpec,
+    ModelSpec,
+    ReplicaSpec,
+    RouterSpec,
+    StageSpec,
+)
 from trellis.planner.errors import PlanError
 from trellis.planner.search import Candidate, Plan
-from trellis.spec import DeploySpec, EngineSpec, KVStoreSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 
 SPEC_DTYPES = MappingProxyType({"bf16": "bfloat16", "fp16": "float16"})
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trellis.core.spec import balanced_layers
 from trellis.planner.hardware import Cluster
 from trellis.planner.model import ModelShape
-from trellis.spec import balanced_layers
 
 # The engine's own split: emitted specs run exactly the stages the planner costed.
 split_layers = balanced_layers

@@ -1,6 +1,6 @@
 """A model's shape as the planner sees it: parameter counts, weight bytes per stage, KV bytes per token.
 
-Read from a Hugging Face ``config.json`` (a path) or a built-in preset (``trellis.presets``). Only
+Read from a Hugging Face ``config.json`` (a path) or a built-in preset (``trellis.core.presets``). Only
 the Llama-family decoder is modelled (Llama, Mistral, Qwen2): attention with grouped KV heads, a
 gated MLP, two RMS norms per layer, an embedding and an LM head (tied or not).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from trellis import presets
+from trellis.core import presets
 from trellis.planner.errors import PlanError
 
 # Bytes per weight of the layers' linear maps. With fp8 the embedding, LM head, norms and biases

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from trellis.core.spec import DeploySpec
 from trellis.registry.base import (
     InvalidRecordError,
     LeaseConflictError,
@@ -16,7 +17,6 @@ from trellis.registry.base import (
 )
 from trellis.registry.embedded import EmbeddedRegistry, members_from_spec
 from trellis.registry.redis_registry import RedisRegistry
-from trellis.spec import DeploySpec
 
 __all__ = [
     "EmbeddedRegistry",

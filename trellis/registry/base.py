@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
-from trellis.spec import ROLES
+from trellis.core.spec import ROLES
 
 
 class RegistryError(Exception):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from trellis import log
+from trellis.core import log
+from trellis.core.spec import DeploySpec
 from trellis.registry.base import (
     LeaseLostCallback,
     Member,
@@ -21,7 +22,6 @@ from trellis.registry.base import (
     checked_location,
     complete_replicas,
 )
-from trellis.spec import DeploySpec
 
 logger = log.get()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from trellis import log
+from trellis.core import log
 from trellis.registry.base import (
     InvalidRecordError,
     LeaseConflictError,

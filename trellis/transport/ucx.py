@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trellis import log
+from trellis.core import log
 
 _PREFIX = np.dtype("<u8")
 

@@ -1,0 +1,7 @@
+"""python -m trellis.cli: the same as the `trellis` command."""
+
+import sys
+
+from trellis.cli.main import main
+
+sys.exit(main())

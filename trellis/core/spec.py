@@ -1,0 +1,399 @@
+"""The deploy spec: the serving graph as data (model, replicas, stages, hosts, ports).
+
+A spec is YAML, validated once on load; any error names the field at fault, e.g.
+``replicas[0].stages[1].layers: expected [start, end) with start < end``.
+`trellis plan --emit-spec` writes one, `trellis up` and the deploy generators read one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trellis.core.handoff_rules import handoff_ranks, sliced_handoff_problem
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+ROLES = ("both", "prefill", "decode")
+
+
+class SpecError(ValueError):
+    """A malformed spec; the message starts with the path of the bad field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str | None = None  # local Hugging Face directory (config.json, safetensors, tokenizer.json)
+    preset: str | None = None  # or a built-in config (trellis.core.presets), dummy weights only
+    load_format: str = "auto"
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None  # default: the config's max_position_embeddings
+    tokenizer: str | None = None  # default: path
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    layers: tuple[int, int]  # [start, end)
+    tp: int = 1
+    device: str = "cpu"
+    gpus: tuple[int, ...] = ()  # one CUDA device index per TP rank, when device is cuda
+    host: str = "127.0.0.1"
+    port: int = 0  # gRPC control API of the stage leader
+    # UCX listener of the stage leader (activations in, sampled ids for a head). In a replica of
+    # several stages, TP rank r also listens on ucx_port + r for its 1/tp slice of the hidden states
+    # (from rank r of the previous stage): the stage takes ports ucx_port .. ucx_port + tp - 1.
+    ucx_port: int = 0
+    dist_port: int = 0  # torch.distributed rendezvous of the stage's TP group
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    name: str
+    stages: tuple[StageSpec, ...]
+    role: str = "both"
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_queue: int = 256  # requests admitted at once; past it, RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class KVStoreSpec:
+    host: str = "127.0.0.1"
+    port: int = 0
+    ucx_port: int = 0
+    capacity_bytes: int = 1 << 30
+    disk_path: str | None = None
+    disk_capacity_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from free memory (gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget of one step; longer prompts are chunked
+    cuda_graphs: bool = True
+    decode_burst: int = 1  # greedy decode steps per plan when nobody waits (one-stage replicas)
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    model: ModelSpec
+    replicas: tuple[ReplicaSpec, ...]
+    router: RouterSpec = field(default_factory=RouterSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    kv_store: KVStoreSpec | None = None
+    registry: str = "embedded"  # or redis://HOST:PORT/DB
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items() if x is not None}
+            if isinstance(v, list | tuple):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(asdict(self))
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def check_layers(self, num_layers: int) -> None:
+        """Every replica's stages must tile [0, num_layers) in order."""
+        for i, rep in enumerate(self.replicas):
+            expect = 0
+            for j, st in enumerate(rep.stages):
+                if st.layers[0] != expect:
+                    raise SpecError(
+                        f"replicas[{i}].stages[{j}].layers: starts at {st.layers[0]}, "
+                        f"expected {expect} (stages must tile the layers in order)"
+                    )
+                expect = st.layers[1]
+            if expect != num_layers:
+                raise SpecError(
+                    f"replicas[{i}].stages: cover layers [0, {expect}) but the model has {num_layers}"
+                )
+
+    def check_model(self) -> None:
+        """Check the spec against its model's config.json (or preset): the model can be read, every
+        replica's stages tile its layers, every stage's TP size splits it. Errors name the field."""
+        from trellis.core.errors import ModelError
+        from trellis.core.model_config import check_parallel, load_model_config
+
+        try:
+            if self.model.preset is not None:
+                from trellis.core.presets import model_config
+
+                cfg = load_model_config(model_config(self.model.preset))
+            else:
+                cfg = load_model_config(self.model.path)
+        except (ModelError, ValueError) as e:
+            raise SpecError(f"model.{'preset' if self.model.preset else 'path'}: {e}") from None
+        self.check_layers(cfg.num_hidden_layers)
+        for i, rep in enumerate(self.replicas):
+            for j, st in enumerate(rep.stages):
+                try:
+                    check_parallel(cfg, st.tp, st.layers)
+                except ModelError as e:
+                    raise SpecError(f"replicas[{i}].stages[{j}].tp: {e}") from None
+        self.check_handoff(cfg.hidden_size)
+
+    def check_handoff(self, hidden_size: int) -> None:
+        """Between stages each TP rank hands its 1/tp slice of the hidden states to the same rank of
+        the next stage: every stage of a replica needs the same tp, and tp must divide hidden_size."""
+        for i, rep in enumerate(self.replicas):
+            tp = rep.stages[0].tp
+            for j, st in enumerate(rep.stages):
+                if st.tp != tp:
+                    raise SpecError(
+                        f"replicas[{i}].stages[{j}].tp: {st.tp}, but stage 0 has {tp}: every stage of a "
+                        "replica needs the same TP size (rank r hands its slice to rank r)"
+                    )
+            if len(rep.stages) > 1 and (problem := sliced_handoff_problem(hidden_size, tp)):
+                raise SpecError(f"replicas[{i}].stages[0].tp: {problem}")
+
+
+def balanced_layers(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous, balanced [start, end) ranges; earlier stages take the remainder. The one split
+    the engine, the planner and generated specs all use (callers check 1 <= pp <= num_layers)."""
+    base, extra = divmod(num_layers, pp)
+    ranges, start = [], 0
+    for i in range(pp):
+        end = start + base + (1 if i < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return tuple(ranges)
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def _fields(where: str, raw: Any, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+    missing = sorted(required - set(raw))
+    if missing:
+        raise SpecError(f"{where}.{missing[0]}: required field is missing")
+    return raw
+
+
+def _typed(
+    where: str,
+    value: Any,
+    kind: type | tuple[type, ...],
+    *,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise SpecError(f"{where}: expected {name}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(f"{where}: must be >= {minimum}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise SpecError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _port(where: str, value: Any) -> int:
+    _typed(where, value, int, minimum=0)
+    if value > 65535:
+        raise SpecError(f"{where}: port {value} is out of range (0-65535)")
+    return value
+
+
+def _dataclass_from(
+    cls: type, where: str, raw: Any, checks: dict[str, Any], required: set[str] = frozenset()
+) -> Any:
+    raw = _fields(where, raw or {}, set(checks), required)
+    return cls(**{k: checks[k](f"{where}.{k}", v) for k, v in raw.items()})
+
+
+def _opt(check: Any) -> Any:
+    return lambda w, v: None if v is None else check(w, v)
+
+
+def _int(minimum: int = 0) -> Any:
+    return lambda w, v: _typed(w, v, int, minimum=minimum)
+
+
+def _str(choices: tuple[str, ...] | None = None) -> Any:
+    return lambda w, v: _typed(w, v, str, choices=choices)
+
+
+def _layers(where: str, v: Any) -> tuple[int, int]:
+    if not (isinstance(v, list | tuple) and len(v) == 2 and all(type(x) is int for x in v)):
+        raise SpecError(f"{where}: expected [start, end) as two integers, got {v!r}")
+    if not 0 <= v[0] < v[1]:
+        raise SpecError(f"{where}: expected [start, end) with 0 <= start < end, got {list(v)}")
+    return (v[0], v[1])
+
+
+def _gpus(where: str, v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple) or not all(type(x) is int and x >= 0 for x in v):
+        raise SpecError(f"{where}: expected a list of GPU indices, got {v!r}")
+    return tuple(v)
+
+
+def _stage(where: str, raw: Any) -> StageSpec:
+    st = _dataclass_from(
+        StageSpec,
+        where,
+        raw,
+        {
+            "layers": _layers,
+            "tp": _int(1),
+            "device": _str(DEVICES),
+            "gpus": _gpus,
+            "host": _str(),
+            "port": _port,
+            "ucx_port": _port,
+            "dist_port": _port,
+        },
+        required={"layers"},
+    )
+    if st.device == "cuda" and len(st.gpus) != st.tp:
+        raise SpecError(
+            f"{where}.gpus: a cuda stage needs one GPU per TP rank ({st.tp}), got {list(st.gpus)}"
+        )
+    if st.device == "cpu" and st.gpus:
+        raise SpecError(f"{where}.gpus: a cpu stage takes no GPUs")
+    return st
+
+
+def _replica(where: str, raw: Any) -> ReplicaSpec:
+    raw = _fields(where, raw, {"name", "stages", "role"}, {"name", "stages"})
+    stages = raw["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise SpecError(f"{where}.stages: expected a non-empty list of stages")
+    return ReplicaSpec(
+        name=_typed(f"{where}.name", raw["name"], str),
+        stages=tuple(_stage(f"{where}.stages[{j}]", s) for j, s in enumerate(stages)),
+        role=_typed(f"{where}.role", raw.get("role", "both"), str, choices=ROLES),
+    )
+
+
+def parse(raw: Any) -> DeploySpec:
+    """Validate a spec given as plain data (what YAML parsed)."""
+    top = _fields(
+        "spec", raw, {"model", "replicas", "router", "engine", "kv_store", "registry"}, {"model", "replicas"}
+    )
+    model = _dataclass_from(
+        ModelSpec,
+        "model",
+        top["model"],
+        {
+            "path": _opt(lambda w, v: os.path.expanduser(_typed(w, v, str))),
+            "preset": _opt(_str()),
+            "load_format": _str(LOAD_FORMATS),
+            "dtype": _str(DTYPES),
+            "max_model_len": _opt(_int(1)),
+            "tokenizer": _opt(_str()),
+        },
+    )
+    if (model.path is None) == (model.preset is None):
+        raise SpecError("model.path: give exactly one of model.path or model.preset")
+    if model.preset is not None and model.load_format != "dummy":
+        raise SpecError("model.load_format: a preset has no weights; use load_format: dummy")
+    reps = top["replicas"]
+    if not isinstance(reps, list) or not reps:
+        raise SpecError("replicas: expected a non-empty list of replicas")
+    replicas = tuple(_replica(f"replicas[{i}]", r) for i, r in enumerate(reps))
+    names = [r.name for r in replicas]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise SpecError(f"replicas[{i}].name: duplicate replica name {n!r}")
+    router = _dataclass_from(
+        RouterSpec, "router", top.get("router"), {"host": _str(), "port": _port, "max_queue": _int(1)}
+    )
+    engine = _dataclass_from(
+        EngineSpec,
+        "engine",
+        top.get("engine"),
+        {
+            "block_size": _int(1),
+            "num_blocks": _opt(_int(1)),
+            "gpu_memory_utilization": lambda w, v: _typed(w, v, (int, float), minimum=0.05),
+            "max_num_seqs": _int(1),
+            "max_num_batched_tokens": _int(1),
+            "cuda_graphs": lambda w, v: _typed(w, v, bool),
+            "decode_burst": _int(1),
+        },
+    )
+    kv = top.get("kv_store")
+    kv_store = (
+        None
+        if kv is None
+        else _dataclass_from(
+            KVStoreSpec,
+            "kv_store",
+            kv,
+            {
+                "host": _str(),
+                "port": _port,
+                "ucx_port": _port,
+                "capacity_bytes": _int(1),
+                "disk_path": _opt(_str()),
+                "disk_capacity_bytes": _int(0),
+            },
+        )
+    )
+    registry = _typed("registry", top.get("registry", "embedded"), str)
+    if registry != "embedded" and not registry.startswith("redis://"):
+        raise SpecError(f"registry: expected 'embedded' or redis://HOST:PORT/DB, got {registry!r}")
+    _check_ports(replicas, router)
+    return DeploySpec(
+        model=model, replicas=replicas, router=router, engine=engine, kv_store=kv_store, registry=registry
+    )
+
+
+def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
+    seen: dict[tuple[str, int], str] = {}
+
+    def claim(host: str, port: int, where: str) -> None:
+        if port == 0:
+            return
+        if (host, port) in seen:
+            raise SpecError(f"{where}: port {port} on {host} is already used by {seen[(host, port)]}")
+        seen[(host, port)] = where
+
+    claim(router.host, router.port, "router.port")
+    for i, rep in enumerate(replicas):
+        for j, st in enumerate(rep.stages):
+            w = f"replicas[{i}].stages[{j}]"
+            claim(st.host, st.port, f"{w}.port")
+            claim(st.host, st.ucx_port, f"{w}.ucx_port")
+            n = handoff_ranks(st.tp, len(rep.stages)) if st.ucx_port else 1  # rank r: ucx_port + r
+            if (last := st.ucx_port + n - 1) > 65535:
+                raise SpecError(f"{w}.ucx_port: TP rank {n - 1} listens on {last}, past 65535")
+            for r in range(1, n):
+                claim(st.host, st.ucx_port + r, f"{w}.ucx_port (+{r}: TP rank {r}'s UCX port)")
+            claim(st.host, st.dist_port, f"{w}.dist_port")
+
+
+def load(path: str | Path) -> DeploySpec:
+    """Read and validate a YAML spec file."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read the spec ({e.strerror})") from None
+    except yaml.YAMLError as e:  # its text spans lines; one line says where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}: not valid YAML ({where}{problem})") from None
+    return parse(raw)

@@ -1,0 +1,1 @@
+"""The router's domain: validation, replica choice, detokenization, the request flow."""

@@ -1,0 +1,251 @@
+"""The head stage's driver: schedule, run the head's layers, keep the pipeline full, collect tokens.
+
+It keeps up to the scheduler's max_in_flight micro-batches in flight (by default one per stage,
+so no stage idles while the others work): a new micro-batch is scheduled (from sequences not
+already in flight) as soon as one returns. Everything that touches the scheduler runs on the event
+loop, one coroutine at a time. Each returning step brings every stage's busy seconds
+(`stage_busy`), from which a benchmark gets the pipeline bubble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trellis.core import log
+from trellis.core.plan import SamplingParams, StepResult
+from trellis.runtime.busy import StageBusy
+from trellis.runtime.executor import StageExecutor
+from trellis.runtime.handoff import payload_tensor
+from trellis.runtime.stage_loop import send_output
+from trellis.scheduling.scheduler import Scheduler
+from trellis.transport.ucx import Link, LinkClosed
+from trellis.wire import pipe
+
+
+class ReplicaFailed(RuntimeError):
+    """A stage of this replica is gone; its requests cannot finish."""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None
+    logits: torch.Tensor | None = None  # [vocab] of the step that sampled this token, when asked
+
+
+class RequestStream:
+    """What one submitted request yields: TokenDeltas, the last with finished=True."""
+
+    def __init__(self, seq_id: int, prompt_ids: Sequence[int]) -> None:
+        self.seq_id = seq_id
+        self.prompt_ids = tuple(prompt_ids)
+        self._queue: asyncio.Queue[TokenDelta | Exception] = asyncio.Queue()
+
+    def put(self, item: TokenDelta | Exception) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        if item is _END:
+            raise StopAsyncIteration
+        if item.finished:
+            self._queue.put_nowait(_END)
+        return item
+
+
+_END = TokenDelta((), True, None)
+
+
+async def ring_handshake(
+    executor: StageExecutor, outbound: Link | None, inbound: Link | None, timeout: float
+) -> int:
+    """Send Hello round the ring and wait for it: every stage is loaded and linked.
+
+    Returns the number of KV blocks that every stage of the ring can hold.
+    """
+    mine = executor.ctx.runner.num_blocks
+    if outbound is None:
+        return mine
+    await outbound.send(pipe.encode(pipe.Hello("ring", mine)))
+    header, _ = await asyncio.wait_for(inbound.recv(), timeout)
+    msg = pipe.decode(header)
+    if not isinstance(msg, pipe.Hello):
+        raise ReplicaFailed(f"the ring answered the hello with {type(msg).__name__}")
+    return msg.num_blocks
+
+
+class Head:
+    def __init__(
+        self,
+        executor: StageExecutor,
+        scheduler: Scheduler,
+        *,
+        num_stages: int,
+        outbound: Link | None = None,
+        inbound: Link | None = None,
+        return_logits: bool = False,
+    ) -> None:
+        self.executor = executor
+        self.scheduler = scheduler
+        self.num_stages = num_stages
+        self.outbound = outbound
+        self.inbound = inbound
+        self.return_logits = return_logits
+        self._streams: dict[int, RequestStream] = {}
+        self._next_seq = 0
+        self._events: asyncio.Queue[StepResult | Exception | None] = asyncio.Queue()
+        self._failed: Exception | None = None
+        self._stopping = False
+        self._receiver: asyncio.Task | None = None
+        self.steps = 0
+        self.generated_tokens = 0
+        self.stage_busy = StageBusy(num_stages)
+        self._log = log.get()
+
+    # ---- requests --------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RequestStream:
+        """Queue a request; raises ValueError for a prompt that can never fit, ReplicaFailed if broken."""
+        if self._failed is not None:
+            raise ReplicaFailed(str(self._failed))
+        seq_id = self._next_seq
+        self._next_seq += 1
+        self.scheduler.add(seq_id, list(prompt_ids), sampling)
+        stream = RequestStream(seq_id, prompt_ids)
+        self._streams[seq_id] = stream
+        self._events.put_nowait(None)  # wake the loop
+        return stream
+
+    def abort(self, seq_id: int) -> None:
+        if self._streams.pop(seq_id, None) is not None:
+            self.scheduler.abort(seq_id)
+            self._events.put_nowait(None)
+
+    @property
+    def failed(self) -> Exception | None:
+        return self._failed
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._streams) or self.scheduler.has_work()
+
+    # ---- the loop --------------------------------------------------------------------------
+    async def run(self) -> None:
+        receiver = self._receiver = asyncio.create_task(self._receive()) if self.num_stages > 1 else None
+        driver = asyncio.create_task(self._drive())
+        watchdog = asyncio.create_task(self.executor.watch_peers())
+        try:
+            done, _ = await asyncio.wait({driver, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if watchdog in done:  # the compute thread may be stuck in a collective with the dead peer
+                driver.cancel()
+                self._fail(ReplicaFailed(watchdog.result()))
+            else:
+                driver.result()
+        finally:
+            for task in (receiver, driver, watchdog):
+                if task is not None:
+                    task.cancel()
+
+    async def _drive(self) -> None:
+        try:
+            while not self._stopping:
+                if await self._fill_pipeline() and self._events.empty():
+                    continue  # more may be schedulable right away (always so with one stage)
+                event = await self._events.get()
+                while True:
+                    if isinstance(event, Exception):
+                        self._fail(event)
+                        return
+                    if event is not None:
+                        self._complete(event)
+                    if self._events.empty():
+                        break
+                    event = self._events.get_nowait()
+        except (LinkClosed, RuntimeError) as e:
+            self._fail(e)
+
+    async def _fill_pipeline(self) -> bool:
+        """Schedule micro-batches until max_in_flight are out or nothing can run; True if any ran."""
+        ran = False
+        while (plan := self.scheduler.schedule()) is not None:
+            ran = True
+            if self.return_logits:
+                plan = dataclasses.replace(plan, return_logits=True)
+            out = await self.executor.run(plan, None)
+            self.steps += 1
+            if self.num_stages == 1:
+                self.stage_busy.add((out.busy_s,))
+                self._complete(out.value)
+            else:
+                await send_output(self.outbound, plan, out, self.executor.launch, ())
+        return ran
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                header, payload = await self.inbound.recv()
+                msg = pipe.decode(header)
+                if isinstance(msg, pipe.Result):
+                    self.stage_busy.add(msg.stage_busy_s)
+                    result = msg.result
+                    if payload is not None:
+                        n = len(result.seq_ids)
+                        result = dataclasses.replace(
+                            result,
+                            logits=payload_tensor(payload, "float32", (n, payload.numel() // 4 // max(n, 1))),
+                        )
+                    self._events.put_nowait(result)
+                elif isinstance(msg, pipe.PipeError):
+                    self._events.put_nowait(ReplicaFailed(f"a stage failed: {msg.message}"))
+                    return
+                elif isinstance(msg, pipe.Stop):
+                    return
+        except LinkClosed as e:
+            self._events.put_nowait(ReplicaFailed(f"the last stage is unreachable: {e}"))
+        except ValueError as e:  # a result that does not fit this ring (e.g. a stage time missing)
+            self._events.put_nowait(ReplicaFailed(f"the last stage sent a bad result: {e}"))
+
+    def _complete(self, result: StepResult) -> None:
+        rows = {sid: i for i, sid in enumerate(result.seq_ids)} if result.logits is not None else {}
+        for upd in self.scheduler.complete(result):
+            self.generated_tokens += len(upd.new_token_ids)
+            stream = self._streams.get(upd.seq_id)
+            if stream is None:
+                continue
+            logits = None if result.logits is None else result.logits[rows[upd.seq_id]]
+            stream.put(TokenDelta(tuple(upd.new_token_ids), upd.finished, upd.finish_reason, logits))
+            if upd.finished:
+                del self._streams[upd.seq_id]
+
+    def _fail(self, error: Exception) -> None:
+        self._failed = error if isinstance(error, ReplicaFailed) else ReplicaFailed(str(error))
+        self._log.error("replica failed", error=str(error))
+        for stream in self._streams.values():
+            stream.put(self._failed)
+        self._streams.clear()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop the ring: Stop travels through every stage and comes back to the receiver."""
+        self._stopping = True
+        if self.num_stages > 1 and self._failed is None:
+            try:
+                await self.outbound.send(pipe.encode(pipe.Stop("shutdown")))
+                if self._receiver is not None:
+                    await asyncio.wait_for(asyncio.shield(self._receiver), timeout)
+            except (LinkClosed, TimeoutError) as e:
+                self._log.warning("ring did not stop cleanly", error=str(e))
+        self._events.put_nowait(None)

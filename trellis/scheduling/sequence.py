@@ -1,0 +1,73 @@
+"""One request's state on the head stage: its tokens, its KV blocks, and where it is in its life.
+
+Pure Python (no torch): the scheduler and the block manager share it. A preempted sequence goes
+back to WAITING with its output ids kept and nothing computed; it re-prefills prompt + outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+
+from trellis.core.plan import SamplingParams
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"  # not started, or preempted (then it keeps its output ids)
+    RUNNING = "running"  # holds KV blocks; prefilling in chunks or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # a stop token or an EOS token was sampled (it is the last output id)
+    LENGTH = "length"  # max_tokens reached, or the sequence reached max_model_len
+    ABORT = "abort"  # the client went away or cancelled
+    TOO_LONG = "too_long"  # the next token needs more KV blocks than the whole cache holds
+
+
+@dataclass(frozen=True)
+class SeqUpdate:
+    """What one completed step did to one sequence, for the router's token stream."""
+
+    seq_id: int
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    arrival: int  # admission order: lower arrived first
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (steps completed, or prefix hits)
+    block_table: list[int] = field(default_factory=list)
+    # Chained hashes of the full blocks of the known tokens, grown on demand. Tokens never change
+    # once known, so these survive preemption.
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_synced_blocks: int = 0  # leading table entries every stage holds as they are now
+    announced: bool = False  # its NewRequest went out in a plan, so stages hold state for it
+    in_flight: bool = False  # part of a plan whose result has not come back
+    abort_requested: bool = False  # aborted while in flight: finish when its step returns
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) of prompt + outputs, without building the whole list."""
+        n_prompt = len(self.prompt_ids)
+        if end <= n_prompt:
+            return self.prompt_ids[start:end]
+        head = self.prompt_ids[start:] if start < n_prompt else ()
+        return head + tuple(self.output_ids[max(start - n_prompt, 0) : end - n_prompt])

@@ -1,0 +1,103 @@
+"""Step plans and results to and from protobuf bytes, for the UCX planes and the TP broadcast."""
+
+from __future__ import annotations
+
+from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.v1 import plan_pb2, sampling_pb2
+
+
+def sampling_to_pb(p: SamplingParams) -> sampling_pb2.SamplingParams:
+    msg = sampling_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        stop_token_ids=p.stop_token_ids,
+        ignore_eos=p.ignore_eos,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def sampling_from_pb(m: sampling_pb2.SamplingParams, *, default_max_tokens: int = 16) -> SamplingParams:
+    """Unset optional fields take their defaults: top_p 1, max_tokens the server's default."""
+    return SamplingParams(
+        temperature=m.temperature,
+        top_p=m.top_p if m.HasField("top_p") else 1.0,
+        top_k=m.top_k,
+        seed=m.seed if m.HasField("seed") else None,
+        max_tokens=m.max_tokens if m.HasField("max_tokens") else default_max_tokens,
+        stop_token_ids=tuple(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+    )
+
+
+def plan_to_pb(plan: StepPlan) -> plan_pb2.StepPlan:
+    return plan_pb2.StepPlan(
+        step_id=plan.step_id,
+        seqs=[
+            plan_pb2.SeqStep(
+                seq_id=s.seq_id,
+                start_pos=s.start_pos,
+                token_ids=s.token_ids,
+                block_table_start=s.block_table_start,
+                new_blocks=s.new_blocks,
+                sample=s.sample,
+                output_index=s.output_index,
+            )
+            for s in plan.seqs
+        ],
+        new_requests=[
+            plan_pb2.NewRequest(seq_id=r.seq_id, prompt_ids=r.prompt_ids, sampling=sampling_to_pb(r.sampling))
+            for r in plan.new_requests
+        ],
+        finished=plan.finished,
+        return_logits=plan.return_logits,
+        decode_steps=plan.decode_steps,
+    )
+
+
+def plan_from_pb(m: plan_pb2.StepPlan) -> StepPlan:
+    return StepPlan(
+        step_id=m.step_id,
+        seqs=tuple(
+            SeqStep(
+                seq_id=s.seq_id,
+                start_pos=s.start_pos,
+                token_ids=tuple(s.token_ids),
+                block_table_start=s.block_table_start,
+                new_blocks=tuple(s.new_blocks),
+                sample=s.sample,
+                output_index=s.output_index,
+            )
+            for s in m.seqs
+        ),
+        new_requests=tuple(
+            NewRequest(seq_id=r.seq_id, prompt_ids=tuple(r.prompt_ids), sampling=sampling_from_pb(r.sampling))
+            for r in m.new_requests
+        ),
+        finished=tuple(m.finished),
+        return_logits=m.return_logits,
+        decode_steps=m.decode_steps or 1,
+    )
+
+
+def encode_plan(plan: StepPlan) -> bytes:
+    return plan_to_pb(plan).SerializeToString()
+
+
+def decode_plan(data: bytes) -> StepPlan:
+    m = plan_pb2.StepPlan()
+    m.ParseFromString(data)
+    return plan_from_pb(m)
+
+
+def result_to_pb(r: StepResult) -> plan_pb2.StepResult:
+    return plan_pb2.StepResult(step_id=r.step_id, seq_ids=r.seq_ids, token_ids=r.token_ids, steps=r.steps)
+
+
+def result_from_pb(m: plan_pb2.StepResult) -> StepResult:
+    return StepResult(
+        step_id=m.step_id, seq_ids=tuple(m.seq_ids), token_ids=tuple(m.token_ids), steps=m.steps or 1
+    )
