@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from trellis.core import log
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
 RESULTS = Path(__file__).resolve().parent / "results"

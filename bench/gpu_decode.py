@@ -18,7 +18,7 @@ import time
 
 from gpu_common import bench_record, card, copy_bandwidth, say, steady_tpot, write_json
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 from trellis.planner.model import load_model
 

@@ -196,7 +196,7 @@ def run_mesh(model: Path, replicas: int, work: Workload) -> dict[str, dict[str, 
 async def engine_requests(
     engine: Any, prompts: list[list[int]], output_len: int, at_once: bool
 ) -> list[Timing]:
-    from trellis.core.plan import SamplingParams
+    from trellis.core.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
 

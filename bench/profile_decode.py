@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from gpu_common import say
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
 

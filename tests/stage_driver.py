@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.model.parallel import TPGroup
 from trellis.runtime.runner import StageRunner
 

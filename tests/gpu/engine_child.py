@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.checkpoints import make_checkpoint, reference_generate
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
 PROMPTS = [[5, 9, 2, 7], [1] * 30, [3, 1, 4, 1, 5, 9, 2, 6], [11]]

@@ -25,7 +25,7 @@ from tests.integration.engine_cases import (
     small_cpu_env,
 )
 from trellis.core.model_config import load_model_config
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.engine import Completion, Engine, EngineArgs
 
 KIND = "qwen2"

@@ -19,7 +19,7 @@ from tests.checkpoints import make_checkpoint, reference_generate, reference_log
 from tests.integration.tp_worker import run_rank
 from tests.stage_driver import drive
 from trellis.core.model_config import load_model_config
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.model.parallel import TPGroup
 from trellis.runtime.runner import StageRunner
 

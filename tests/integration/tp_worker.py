@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from tests.stage_driver import drive
 from trellis.core.model_config import load_model_config
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.model.parallel import TPGroup
 from trellis.runtime.runner import StageRunner
 

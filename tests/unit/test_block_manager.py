@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trellis.core.hashing import block_hashes
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import BlockManager, NoFreeBlocksError
 from trellis.scheduling.sequence import Sequence
 

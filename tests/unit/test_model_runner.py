@@ -14,7 +14,8 @@ import torch
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.stage_driver import drive
 from trellis.core.model_config import ModelConfig, load_model_config
-from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.model.parallel import TPGroup
 from trellis.runtime.runner import PlanError, StageRunner
 

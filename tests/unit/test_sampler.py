@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.sampler import Sampler, apply_top_k_top_p, noise_seed, sample_tokens
 
 GREEDY = SamplingParams()

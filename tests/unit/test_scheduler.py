@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from trellis.core.plan import SamplingParams, StepPlan, StepResult
+from trellis.core.plan import StepPlan, StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.scheduling.scheduler import (
     InvalidRequestError,
     Scheduler,

@@ -69,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_offline(args: argparse.Namespace) -> int:
-    from trellis.core.plan import SamplingParams
+    from trellis.core.sampling import SamplingParams
     from trellis.core.tokenizer import TokenizerMissing, decode, encode, load_tokenizer
     from trellis.engine import Engine, EngineArgs, EngineError
 

@@ -1,7 +1,36 @@
-"""The one exception type of the model engine: bad config, bad checkpoint, bad parallel layout."""
+"""The error tree: every error Trellis raises on purpose is a TrellisError, told in one line.
+
+Callers at a boundary map the branches once: InvalidRequest -> INVALID_ARGUMENT (HTTP 400),
+Unavailable -> UNAVAILABLE (503), Overloaded -> RESOURCE_EXHAUSTED (429); ConfigError (a spec, a
+model or an engine setting) stops a process before it serves, with the field named.
+"""
 
 from __future__ import annotations
 
 
-class ModelError(Exception):
-    """A problem with a model's config, checkpoint or parallel layout, told in one line."""
+class TrellisError(Exception):
+    """Anything Trellis refuses or reports on purpose; the message is one line for a person."""
+
+
+class ConfigError(TrellisError, ValueError):
+    """A bad configuration: a deploy spec, an engine setting, a model or its parallel layout."""
+
+
+class SpecError(ConfigError):
+    """A malformed deploy spec; the message starts with the path of the bad field."""
+
+
+class ModelError(ConfigError):
+    """A problem with a model's config, checkpoint or parallel layout."""
+
+
+class InvalidRequest(TrellisError, ValueError):
+    """What is wrong with a request (becomes INVALID_ARGUMENT / HTTP 400)."""
+
+
+class Unavailable(TrellisError):
+    """The request cannot be served right now: no replica, or its replica went down (UNAVAILABLE)."""
+
+
+class Overloaded(TrellisError):
+    """Admission refused: too many requests in flight (RESOURCE_EXHAUSTED / HTTP 429)."""

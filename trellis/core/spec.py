@@ -14,16 +14,13 @@ from typing import Any
 
 import yaml
 
+from trellis.core.errors import SpecError
 from trellis.core.handoff_rules import handoff_ranks, sliced_handoff_problem
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 ROLES = ("both", "prefill", "decode")
-
-
-class SpecError(ValueError):
-    """A malformed spec; the message starts with the path of the bad field."""
 
 
 @dataclass(frozen=True)

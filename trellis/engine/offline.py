@@ -23,7 +23,7 @@ from trellis.core.handoff_rules import handoff_ranks, sliced_handoff_problem
 from trellis.core.layout import default_num_blocks, split_layers
 from trellis.core.model_config import ModelConfig, check_parallel
 from trellis.core.net import free_ports
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.busy import bubble_fraction
 from trellis.runtime.executor import StageExecutor
 from trellis.runtime.handoff import HandoffError

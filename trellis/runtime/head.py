@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from trellis.core import log
-from trellis.core.plan import SamplingParams, StepResult
+from trellis.core.plan import StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.busy import StageBusy
 from trellis.runtime.executor import StageExecutor
 from trellis.runtime.handoff import payload_tensor

@@ -12,7 +12,8 @@ import torch
 from trellis.core import log
 from trellis.core.errors import ModelError
 from trellis.core.model_config import ModelConfig, check_parallel
-from trellis.core.plan import SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.core.plan import SeqStep, StepPlan, StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.runtime.cuda_graphs import DecodeGraphs
 from trellis.runtime.model.attention import StepContext
 from trellis.runtime.model.attention_backend import AttentionBackend, TorchReferenceBackend

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

@@ -22,7 +22,8 @@ from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 from trellis.core import log
-from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import BlockManager, blocks_for
 from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
     InvalidRequestError,

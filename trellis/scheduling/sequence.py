@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from trellis.core.plan import SamplingParams
+from trellis.core.sampling import SamplingParams
 
 
 class SeqStatus(Enum):

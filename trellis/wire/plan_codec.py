@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from trellis.core.plan import NewRequest, SamplingParams, SeqStep, StepPlan, StepResult
+from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from trellis.core.sampling import SamplingParams
 from trellis.v1 import plan_pb2, sampling_pb2
 
 
