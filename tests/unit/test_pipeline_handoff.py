@@ -9,15 +9,17 @@ from trellis.core.plan import SeqStep, StepPlan, StepResult
 from trellis.runtime.busy import StageBusy, bubble_fraction
 from trellis.runtime.handoff import column_slice, payload_tensor, sliced_handoff_problem
 from trellis.wire import pipe
+from trellis.wire.plan_codec import decode_plan, encode_plan
 
 PLAN = StepPlan(step_id=7, seqs=(SeqStep(3, 0, (1, 2, 3), 0, (4,), True),))
 
 
 def test_activations_carry_the_slicing_and_every_stage_time() -> None:
-    msg = pipe.Activations(PLAN, "bfloat16", (3, 4096), slices=4, stage_busy_s=(0.25, 0.5))
+    msg = pipe.Activations(encode_plan(PLAN), "bfloat16", (3, 4096), slices=4, stage_busy_s=(0.25, 0.5))
     back = pipe.decode(pipe.encode(msg))
     assert back == msg and back.payload_shape == (3, 1024)
-    whole = pipe.decode(pipe.encode(pipe.Activations(PLAN, "float32", (3, 64))))
+    assert decode_plan(back.plan) == PLAN  # the bytes the head encoded, parsed by whoever runs them
+    whole = pipe.decode(pipe.encode(pipe.Activations(encode_plan(PLAN), "float32", (3, 64))))
     assert whole.slices == 1 and whole.payload_shape == (3, 64) and whole.stage_busy_s == ()
 
 

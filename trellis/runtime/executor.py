@@ -20,7 +20,6 @@ from trellis.core.plan import StepPlan, StepResult
 from trellis.runtime.handoff import HandoffError, column_slice
 from trellis.runtime.launch import StageLaunch
 from trellis.runtime.rank import RankContext, start_rank, stop_rank
-from trellis.wire.plan_codec import encode_plan
 
 PEER_POLL_S = 0.5
 STOP_TIMEOUT_S = 30.0
@@ -84,18 +83,19 @@ class StageExecutor:
                 "its log says why"
             )
 
-    async def run(self, plan: StepPlan, received: torch.Tensor | None) -> StageOutput:
-        return await self._call(self.run_sync, plan, received)
+    async def run(self, plan: StepPlan, plan_bytes: bytes, received: torch.Tensor | None) -> StageOutput:
+        return await self._call(self.run_sync, plan, plan_bytes, received)
 
-    def run_sync(self, plan: StepPlan, received: torch.Tensor | None) -> StageOutput:
-        """`received`: the hidden states from the previous stage (rank 0's slice of them with the
+    def run_sync(self, plan: StepPlan, plan_bytes: bytes, received: torch.Tensor | None) -> StageOutput:
+        """`plan_bytes`: the plan as the head encoded it (the TP peers get these very bytes);
+        `received`: the hidden states from the previous stage (rank 0's slice of them with the
         sliced hand-off), None on the first stage."""
         start = time.perf_counter()
         ctx, launch = self.ctx, self.launch
         hidden = received
         if ctx.control.tp > 1:
             shape = None if received is None else (received.shape[0], received.shape[1] * launch.slices)
-            ctx.control.send(encode_plan(plan), shape)
+            ctx.control.send(plan_bytes, shape)
             if received is not None:
                 hidden = ctx.control.gather_columns(received)
         out = ctx.runner.execute(plan, hidden)  # the runner attaches logits when the plan asks

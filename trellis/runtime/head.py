@@ -26,6 +26,7 @@ from trellis.runtime.stage_loop import send_output
 from trellis.scheduling.scheduler import Scheduler
 from trellis.transport.ucx import Link, LinkClosed
 from trellis.wire import pipe
+from trellis.wire.plan_codec import encode_plan
 
 
 class ReplicaFailed(RuntimeError):
@@ -186,13 +187,14 @@ class Head:
             ran = True
             if self.return_logits:
                 plan = dataclasses.replace(plan, return_logits=True)
-            out = await self.executor.run(plan, None)
+            plan_bytes = encode_plan(plan)  # once: the TP peers and every later stage get these bytes
+            out = await self.executor.run(plan, plan_bytes, None)
             self.steps += 1
             if self.num_stages == 1:
                 self.stage_busy.add((out.busy_s,))
                 self._complete(out.value)
             else:
-                await send_output(self.outbound, plan, out, self.executor.launch, ())
+                await send_output(self.outbound, plan_bytes, out, self.executor.launch, ())
         return ran
 
     async def _receive(self) -> None:

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trellis.core import log
-from trellis.core.plan import StepPlan, StepResult
+from trellis.core.plan import StepResult
 from trellis.runtime.executor import StageExecutor, StageOutput
 from trellis.runtime.handoff import payload_tensor
 from trellis.runtime.launch import StageLaunch
 from trellis.transport.ucx import Link, LinkClosed
 from trellis.wire import pipe
+from trellis.wire.plan_codec import decode_plan
 
 REPORT_TIMEOUT_S = 5.0
 
@@ -35,17 +36,18 @@ class StageEnd:
 
 
 async def send_output(
-    link: Link, plan: StepPlan, out: StageOutput, launch: StageLaunch, busy_before: Sequence[float]
+    link: Link, plan_bytes: bytes, out: StageOutput, launch: StageLaunch, busy_before: Sequence[float]
 ) -> None:
-    """Pass one plan's output on, this stage's busy seconds appended: activations to the next
-    stage, or the result to the head (the ids in the header, the logits if asked as the payload)."""
+    """Pass one plan's output on, this stage's busy seconds appended: activations (with the plan's
+    bytes as they came, never re-encoded) to the next stage, or the result to the head (the ids in
+    the header, the logits if asked as the payload)."""
     busy = (*busy_before, out.busy_s)
     if isinstance(out.value, StepResult):
         r = out.value
         header = pipe.encode(pipe.Result(StepResult(r.step_id, r.seq_ids, r.token_ids, r.steps), busy))
         await link.send(header, None if r.logits is None else r.logits.contiguous())
         return
-    msg = pipe.Activations(plan, launch.dtype, out.shape, launch.slices, busy)
+    msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy)
     await link.send(pipe.encode(msg), out.value)
 
 
@@ -82,7 +84,7 @@ async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> Stag
         header, payload = await inbound.recv()
         msg = pipe.decode(header)
         match msg:
-            case pipe.Activations(plan, dtype, _, slices, busy):
+            case pipe.Activations(plan_bytes, dtype, _, slices, busy):
                 try:
                     if slices != launch.slices:
                         raise ValueError(
@@ -90,13 +92,14 @@ async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> Stag
                             f"{launch.tp}: every stage of a replica needs the same TP size"
                         )
                     received = payload_tensor(payload, dtype, msg.payload_shape).to(executor.ctx.device)
-                    out = await executor.run(plan, received)
+                    plan = decode_plan(plan_bytes)  # parsed once, for this stage's runner
+                    out = await executor.run(plan, plan_bytes, received)
                 except Exception as e:  # a plan this stage cannot run, or a TP peer gone
                     why = f"stage {launch.stage} failed: {e}"
                     logger.error("stage failed", error=why)
                     await report_failure(outbound, why)
                     return StageEnd(False, why)
-                await send_output(outbound, plan, out, launch, busy)
+                await send_output(outbound, plan_bytes, out, launch, busy)
             case pipe.Hello(token, num_blocks):
                 mine = executor.ctx.runner.num_blocks
                 await outbound.send(pipe.encode(pipe.Hello(token, min(num_blocks, mine))))

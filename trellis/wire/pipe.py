@@ -1,7 +1,8 @@
 """The messages of the stage-to-stage pipe, as plain Python values and as protobuf headers.
 
-Downstream a stage sends `Activations` (the plan plus the shape/dtype of the hidden states that
-follow as a raw payload; with TP > 1 only rank 0's column slice, the other ranks' slices follow as
+Downstream a stage sends `Activations` (the plan, as the bytes the head encoded once, plus the
+shape/dtype of the hidden states that follow as a raw payload; with TP > 1 only rank 0's column
+slice, the other ranks' slices follow as
 `HiddenSlice`s on their own links); the last stage sends `Result`s to the head; `Stop` drains a
 link, `PipeError` tells the receiver that the sender failed, and `Hello` checks the ring at start.
 Each stage appends its compute seconds for a plan to `stage_busy_s`, so the head learns them all.
@@ -11,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trellis.core.plan import StepPlan, StepResult
+from trellis.core.plan import StepResult
 from trellis.v1 import plan_pb2
-from trellis.wire.plan_codec import plan_from_pb, plan_to_pb, result_from_pb, result_to_pb
+from trellis.wire.plan_codec import result_from_pb, result_to_pb
 
 
 @dataclass(frozen=True)
 class Activations:
-    plan: StepPlan
+    plan: bytes  # the serialized StepPlan (plan_codec.encode_plan at the head), forwarded untouched
     dtype: str  # "float32" | "bfloat16" | "float16"
     shape: tuple[int, ...]  # of the whole hidden states [tokens, hidden]
     slices: int = 1  # > 1: the payload is columns [0, hidden / slices); the rest go rank to rank
@@ -76,7 +77,7 @@ def encode(msg: PipeMessage) -> bytes:
         case Activations(plan, dtype, shape, slices, busy):
             pb = plan_pb2.PipeMessage(
                 activations=plan_pb2.Activations(
-                    plan=plan_to_pb(plan), dtype=dtype, shape=shape, slices=slices, stage_busy_s=busy
+                    plan=plan, dtype=dtype, shape=shape, slices=slices, stage_busy_s=busy
                 )
             )
         case HiddenSlice(step_id, rank, dtype, shape):
@@ -103,9 +104,7 @@ def decode(data: bytes) -> PipeMessage:
     match pb.WhichOneof("body"):
         case "activations":
             a = pb.activations
-            return Activations(
-                plan_from_pb(a.plan), a.dtype, tuple(a.shape), a.slices or 1, tuple(a.stage_busy_s)
-            )
+            return Activations(a.plan, a.dtype, tuple(a.shape), a.slices or 1, tuple(a.stage_busy_s))
         case "slice":
             h = pb.slice
             return HiddenSlice(h.step_id, h.rank, h.dtype, tuple(h.shape))
