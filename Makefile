@@ -30,9 +30,11 @@ test: setup proto
 test-unit: setup proto
 	$(PY) -m pytest -q tests/unit
 
+# ruff, then the floors of the house (import-linter contracts in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check trellis services tests bench
 	$(VENV)/bin/ruff format --check trellis services tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup proto
 	$(PY) bench/engine_cpu.py
