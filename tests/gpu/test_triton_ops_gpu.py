@@ -31,7 +31,7 @@ from tests.unit.test_triton_ops import (
     check_silu_and_mul,
     check_store_kv,
 )
-from trellis.runtime.kernels.paged_decode import paged_decode_attention
+from trellis.runtime.kernels import paged_decode_attention
 from trellis.runtime.model.attention_backend import TorchReferenceBackend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

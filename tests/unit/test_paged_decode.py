@@ -19,13 +19,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tests.unit.test_triton_ops import qkv_views
-from trellis.runtime.kernels import triton_ops
-from trellis.runtime.kernels.paged_decode import (
-    choose_num_splits,
-    paged_decode_attention,
-    split_counters,
-)
-from trellis.runtime.kernels.triton_ops import KernelInputError
+from trellis.runtime.kernels import KernelInputError, paged_decode_attention, rotary_store_kv
+from trellis.runtime.kernels.paged_decode import choose_num_splits, split_counters
 from trellis.runtime.model.attention_backend import TorchReferenceBackend
 from trellis.runtime.model.attention_metadata import build_attention_metadata
 from trellis.runtime.model.rotary import RotaryEmbedding, apply_rotary
@@ -151,7 +146,7 @@ def check_decode_layer_steps(
 
     def step() -> None:
         q, k, v = qkv_views(qkv, q_heads, kv_heads, head_dim)
-        triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+        rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
         paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale=scale, out=out, num_splits=num_splits
         )

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
 pytest.importorskip("triton")
 
-from trellis.runtime.kernels import triton_ops
+from trellis.runtime import kernels
 from trellis.runtime.model.norm import RMSNorm
 from trellis.runtime.model.rotary import RotaryEmbedding, apply_rotary
 
@@ -34,7 +34,7 @@ def check_rms_norm(device: torch.device, dtype: torch.dtype, *, rtol: float, ato
     x = torch.randn(5, 100, generator=gen).to(device, dtype)  # hidden not a power of 2
     weight = torch.randn(100, generator=gen).to(device, dtype)
     expected = reference_norm(weight)(x)
-    got = triton_ops.rms_norm(x, weight, EPS)
+    got = kernels.rms_norm(x, weight, EPS)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
 
@@ -45,7 +45,7 @@ def check_add_rms_norm(device: torch.device, dtype: torch.dtype, *, rtol: float,
     residual = torch.randn(6, 96, generator=gen).to(device, dtype)
     weight = torch.randn(96, generator=gen).to(device, dtype)
     x_before, residual_before = x.clone(), residual.clone()
-    out, summed = triton_ops.add_rms_norm(x, residual, weight, EPS)
+    out, summed = kernels.add_rms_norm(x, residual, weight, EPS)
     assert torch.equal(summed, x_before + residual_before)  # one rounding of the sum, as the reference
     torch.testing.assert_close(out, reference_norm(weight)(x_before + residual_before), rtol=rtol, atol=atol)
     assert torch.equal(x, x_before) and torch.equal(residual, residual_before)  # inputs untouched
@@ -62,7 +62,7 @@ def check_rotary(device: torch.device, dtype: torch.dtype, *, rtol: float, atol:
     positions = torch.tensor([0, 3, 17, 200, 4095], device=device)
     cos, sin = RotaryEmbedding(head_dim, 500000.0, None).to(device)(positions, dtype)
     expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    got_q, got_k = triton_ops.apply_rotary(q, k, cos, sin)
+    got_q, got_k = kernels.apply_rotary(q, k, cos, sin)
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
     torch.testing.assert_close(got_q, expected_q, rtol=rtol, atol=atol)
     torch.testing.assert_close(got_k, expected_k, rtol=rtol, atol=atol)
@@ -74,7 +74,7 @@ def check_silu_and_mul(device: torch.device, dtype: torch.dtype, *, rtol: float,
     wide = 4 * torch.randn(4, 2 * 40 + 8, generator=gen).to(device, dtype)
     gate_up = wide[:, 8:]  # strided rows: row stride 88, 2I = 80
     gate, up = gate_up.chunk(2, dim=-1)
-    got = triton_ops.silu_and_mul(gate_up)
+    got = kernels.silu_and_mul(gate_up)
     assert got.shape == (4, 40) and got.dtype == dtype
     torch.testing.assert_close(got, F.silu(gate) * up, rtol=rtol, atol=atol)
 
@@ -94,7 +94,7 @@ def check_store_kv(device: torch.device, dtype: torch.dtype, block_size: int) ->
     keep = slots >= 0
     expected_k.view(-1, kv_heads, head_dim)[slots[keep]] = k[keep]
     expected_v.view(-1, kv_heads, head_dim)[slots[keep]] = v[keep]
-    triton_ops.store_kv(k, v, k_cache, v_cache, slots)
+    kernels.store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
@@ -144,11 +144,11 @@ def check_rotary_store_kv(
     two_kernels = qkv.clone()
     two_k_cache, two_v_cache = k_cache.clone(), v_cache.clone()
     q2, k2, v2 = qkv_views(two_kernels, q_heads, kv_heads, head_dim)
-    triton_ops.apply_rotary(q2, k2, cos, sin)
-    triton_ops.store_kv(k2, v2, two_k_cache, two_v_cache, slots)
+    kernels.apply_rotary(q2, k2, cos, sin)
+    kernels.store_kv(k2, v2, two_k_cache, two_v_cache, slots)
 
     q, k, v = qkv_views(qkv, q_heads, kv_heads, head_dim)
-    got_q, got_k = triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    got_q, got_k = kernels.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
     assert torch.equal(qkv, two_kernels)  # q, k rotated as apply_rotary does; v untouched
     assert torch.equal(k_cache, two_k_cache) and torch.equal(v_cache, two_v_cache)
@@ -175,8 +175,8 @@ def test_norms_bit_exact_when_sums_are_exact() -> None:
     residual = torch.randint(-8, 9, (4, 80), generator=gen).float()
     weight = torch.randn(80, generator=gen)
     norm = reference_norm(weight)
-    assert torch.equal(triton_ops.rms_norm(x, weight, EPS), norm(x))
-    out, summed = triton_ops.add_rms_norm(x, residual, weight, EPS)
+    assert torch.equal(kernels.rms_norm(x, weight, EPS), norm(x))
+    out, summed = kernels.add_rms_norm(x, residual, weight, EPS)
     assert torch.equal(summed, x + residual) and torch.equal(out, norm(x + residual))
 
 
@@ -186,9 +186,9 @@ def test_rms_norm_on_strided_rows_and_empty_batch() -> None:
     weight = torch.randn(64, generator=gen)
     x = wide[:, 3:67]  # row stride 70
     torch.testing.assert_close(
-        triton_ops.rms_norm(x, weight, EPS), reference_norm(weight)(x), rtol=1e-6, atol=1e-6
+        kernels.rms_norm(x, weight, EPS), reference_norm(weight)(x), rtol=1e-6, atol=1e-6
     )
-    assert triton_ops.rms_norm(torch.empty(0, 64), weight, EPS).shape == (0, 64)
+    assert kernels.rms_norm(torch.empty(0, 64), weight, EPS).shape == (0, 64)
 
 
 def test_rotary_matches_reference_in_place() -> None:
@@ -236,26 +236,24 @@ def test_rotary_store_kv_matches_the_two_kernels_in_other_dtypes(
 
 def test_bad_inputs_raise_one_line_errors() -> None:
     x = torch.randn(2, 8)
-    with pytest.raises(triton_ops.KernelInputError, match="weight must be"):
-        triton_ops.rms_norm(x, torch.randn(9), EPS)
-    with pytest.raises(triton_ops.KernelInputError, match="residual dtype"):
-        triton_ops.add_rms_norm(x, x.double(), torch.randn(8), EPS)
-    with pytest.raises(triton_ops.KernelInputError, match="cos must be"):
-        triton_ops.apply_rotary(
-            torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 4), torch.randn(2, 8)
-        )
-    with pytest.raises(triton_ops.KernelInputError, match="gate_up must be"):
-        triton_ops.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(kernels.KernelInputError, match="weight must be"):
+        kernels.rms_norm(x, torch.randn(9), EPS)
+    with pytest.raises(kernels.KernelInputError, match="residual dtype"):
+        kernels.add_rms_norm(x, x.double(), torch.randn(8), EPS)
+    with pytest.raises(kernels.KernelInputError, match="cos must be"):
+        kernels.apply_rotary(torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 4), torch.randn(2, 8))
+    with pytest.raises(kernels.KernelInputError, match="gate_up must be"):
+        kernels.silu_and_mul(torch.randn(2, 7))
     k = torch.randn(3, 2, 8)
     cache = torch.zeros(4, 16, 2, 8)
-    with pytest.raises(triton_ops.KernelInputError, match="slot_mapping must be int64"):
-        triton_ops.store_kv(k, k, cache, cache, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(kernels.KernelInputError, match="slot_mapping must be int64"):
+        kernels.store_kv(k, k, cache, cache, torch.zeros(3, dtype=torch.int32))
     angles = torch.randn(3, 8)
-    with pytest.raises(triton_ops.KernelInputError, match="slot_mapping must be int64"):
-        triton_ops.rotary_store_kv(
+    with pytest.raises(kernels.KernelInputError, match="slot_mapping must be int64"):
+        kernels.rotary_store_kv(
             torch.randn(3, 4, 8), k, k, angles, angles, cache, cache, torch.zeros(3, dtype=torch.int32)
         )
-    with pytest.raises(triton_ops.KernelInputError, match="sin must be"):
-        triton_ops.rotary_store_kv(
+    with pytest.raises(kernels.KernelInputError, match="sin must be"):
+        kernels.rotary_store_kv(
             torch.randn(3, 4, 8), k, k, angles, angles[:2], cache, cache, torch.zeros(3, dtype=torch.int64)
         )

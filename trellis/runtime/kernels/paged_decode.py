@@ -16,29 +16,20 @@ The kernel itself is in paged_decode_kernel.py.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see triton_ops.py
-
-import triton
-from triton.runtime.interpreter import InterpretedFunction
-
+from trellis.runtime.kernels.checks import check_paged_decode_inputs
 from trellis.runtime.kernels.paged_decode_kernel import paged_decode_kernel
-from trellis.runtime.kernels.triton_ops import KernelInputError
+from trellis.runtime.kernels.triton_setup import is_interpreted, triton
 
 TILE_N = 64  # positions per loop step: 4 blocks of 16, one 64 x D tile of K and of V in flight
 MIN_DOT_ROWS = 16  # tl.dot needs M, N, K >= 16
 MAX_SPLITS = 16
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in the reduce than it saves
 MIN_COUNTERS = 64  # counter buffers come in powers of 2 from this size, so few sizes ever exist
-
-# (device, size) -> int32 zeros: the split counters. A buffer is made once and kept for good, since
-# a captured CUDA graph holds its address; every launch leaves it at 0 again.
-_split_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def split_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -48,17 +39,19 @@ def split_counters(device: torch.device, count: int) -> torch.Tensor:
     made outside CUDA graph capture: a graph's warm-up runs the same shapes eagerly first."""
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find one buffer
         device = torch.device("cuda", torch.cuda.current_device())
-    size = max(triton.next_power_of_2(count), MIN_COUNTERS)
-    key = (device, size)
-    counters = _split_counters.get(key)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "paged decode split counters must be made outside CUDA graph capture: "
-                "run the step once eagerly before capturing it"
-            )
-        counters = _split_counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return counters[:count]
+    return _counter_buffer(device, max(triton.next_power_of_2(count), MIN_COUNTERS))[:count]
+
+
+@functools.cache
+def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
+    """int32 zeros [size] on ``device``, made once and kept for good: a captured CUDA graph holds its
+    address, and every launch leaves it at 0 again. A refusal (raised) is not cached."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "paged decode split counters must be made outside CUDA graph capture: "
+            "run the step once eagerly before capturing it"
+        )
+    return torch.zeros(size, dtype=torch.int32, device=device)
 
 
 def choose_num_splits(*, batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -66,50 +59,6 @@ def choose_num_splits(*, batch: int, kv_heads: int, max_context: int, num_sms: i
     shapes only; max_context bounds the positions one sequence attends (table capacity or window)."""
     useful = max(triton.cdiv(max_context, TILE_N * MIN_TILES_PER_SPLIT), 1)
     return max(1, min(triton.cdiv(num_sms, batch * kv_heads), useful, MAX_SPLITS))
-
-
-def _check_inputs(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    sliding_window: int | None,
-) -> None:
-    def require(condition: bool, message: str) -> None:
-        if not condition:
-            raise KernelInputError(message)
-
-    require(q.dim() == 3, f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
-    batch, q_heads, head_dim = q.shape
-    require(
-        k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim,
-        f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} must be [blocks, block_size, Hk, {head_dim}]",
-    )
-    require(
-        q_heads % k_cache.shape[2] == 0,
-        f"{q_heads} query heads is no multiple of {k_cache.shape[2]} kv heads",
-    )
-    require(
-        q.dtype == k_cache.dtype == v_cache.dtype, f"q {q.dtype} and caches {k_cache.dtype} differ in dtype"
-    )
-    require(
-        block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32,
-        f"block_tables must be int32 [{batch}, W], got {block_tables.dtype} {tuple(block_tables.shape)}",
-    )
-    require(
-        context_lens.shape == (batch,) and context_lens.dtype == torch.int32,
-        f"context_lens must be int32 [{batch}], got {context_lens.dtype} {tuple(context_lens.shape)}",
-    )
-    require(
-        sliding_window is None or sliding_window > 0, f"sliding_window must be positive, got {sliding_window}"
-    )
-    require(
-        k_cache.stride() == v_cache.stride(),
-        f"caches differ in strides: {k_cache.stride()}, {v_cache.stride()}",
-    )
-    for name, t in (("q", q), ("k_cache", k_cache), ("block_tables", block_tables)):
-        require(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got strides {t.stride()}")
 
 
 def paged_decode_attention(
@@ -129,13 +78,11 @@ def paged_decode_attention(
     Caches [num_blocks, block_size, Hk, D], block_tables [B, W] int32, context_lens [B] int32.
     Returns out [B, Hq, D] in q.dtype (written into ``out`` when given). num_splits None picks
     split-K from shapes (1 off CUDA)."""
-    _check_inputs(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    check_paged_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, sliding_window, out)
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise KernelInputError(f"out must be {q.dtype} {tuple(q.shape)} with unit last stride")
     if batch == 0:
         return out
     if num_splits is None:
@@ -191,7 +138,7 @@ def paged_decode_attention(
         TILE=TILE_N,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRET=isinstance(paged_decode_kernel, InterpretedFunction),
+        INTERPRET=is_interpreted(paged_decode_kernel),
         num_warps=4,
     )
     return out

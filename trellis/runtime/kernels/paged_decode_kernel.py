@@ -9,8 +9,7 @@ replayed in a CUDA graph with no memset in between: every launch leaves all coun
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+from trellis.runtime.kernels.triton_setup import tl, triton
 
 
 @triton.jit

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trellis.runtime.kernels import triton_ops
-from trellis.runtime.kernels.paged_decode import paged_decode_attention
+from trellis.runtime.kernels import paged_decode_attention, rotary_store_kv
 from trellis.runtime.model.attention_metadata import AttentionMetadata, attend_paged, key_slots
 
 
@@ -58,7 +57,7 @@ class GpuAttentionBackend:
         """AttentionBackend.forward_rotary: one kernel rotates q, k in place by cos/sin [tokens,
         head_dim] and writes the rotated k and v into the cache, then attention runs."""
         k_cache, v_cache = kv_cache
-        q, k = triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, self._meta.slot_mapping)
+        q, k = rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, self._meta.slot_mapping)
         return self._attend(q, k, v, kv_cache, scale=scale, sliding_window=sliding_window)
 
     def _attend(

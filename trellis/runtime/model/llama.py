@@ -29,7 +29,7 @@ class MLP(nn.Module):
             cfg.hidden_size, [size, size], bias=cfg.mlp_bias, tp=tp, dtype=dtype
         )
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp, dtype=dtype)
-        self.fused = None  # on GPU: the Triton kernels module (one kernel for silu(gate) * up)
+        self.fused = None  # on GPU: the Triton kernels package (one kernel for silu(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> same
         gate_up = self.gate_up_proj(x)  # [tokens, 2 * intermediate / tp]
@@ -86,11 +86,11 @@ class LlamaStageModel(nn.Module):
     def use_fused_kernels(self) -> None:
         """GPU: Triton kernels for norm+residual and SiLU-gate (same math, far fewer launches); the
         rotary is the attention backend's (GpuAttentionBackend.forward_rotary)."""
-        from trellis.runtime.kernels import triton_ops  # needs triton: imported on GPU only
+        from trellis.runtime import kernels  # needs triton: imported on GPU only
 
-        self.fused = triton_ops
+        self.fused = kernels
         for layer in self.model.layers.values():
-            layer.mlp.fused = triton_ops
+            layer.mlp.fused = kernels
 
     def rotary_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(positions, self.dtype)

@@ -1,19 +1,19 @@
 """Rotary and the KV-cache write as ONE Triton kernel: a layer's q and k rotated, k and v paged.
 
-The same math as triton_ops.apply_rotary followed by store_kv, with the same roundings (so the
-results match those two kernels bit for bit), in one launch instead of two: a program owns one
-token, rotates its q heads in place, rotates its k heads (in place too, since prefill attends over
-the chunk's own k) and writes those rotated k rows and the v rows into the token's cache slot.
+The same math as rotary.py's apply_rotary followed by kv_store.py's store_kv, with the same
+roundings (so the results match those two kernels bit for bit), in one launch instead of two: a
+program owns one token, rotates its q heads in place, rotates its k heads (in place too, since
+prefill attends over the chunk's own k) and writes those rotated k rows and the v rows into the
+token's cache slot.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from trellis.runtime.kernels.kv_store_kernel import check_store_kv_inputs
-from trellis.runtime.kernels.triton_ops import check_rotary_inputs, rotate_halves, rotate_heads
+from trellis.runtime.kernels.checks import check_rotary_inputs, check_store_kv_inputs
+from trellis.runtime.kernels.rotary import rotate_halves, rotate_heads
+from trellis.runtime.kernels.triton_setup import tl, triton
 
 
 @triton.jit

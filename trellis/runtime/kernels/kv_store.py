@@ -1,14 +1,15 @@
-"""The KV-cache write as one Triton kernel: K and V of a step's tokens into their paged slots."""
+"""The KV-cache write as one Triton kernel: K and V of a step's tokens into their paged slots.
+
+Token t's rows go to cache[slot // block_size, slot % block_size] with slot = slot_mapping[t],
+cast to the cache dtype; a negative slot (a padding row of a CUDA graph batch) writes nothing.
+"""
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from trellis.runtime.kernels.triton_ops import _require, _require_unit_last_stride
-
-# --- K and V into the paged cache --------------------------------------------------------------
+from trellis.runtime.kernels.checks import check_store_kv_inputs
+from trellis.runtime.kernels.triton_setup import tl, triton
 
 
 @triton.jit
@@ -51,31 +52,6 @@ def _store_kv_kernel(
     )
     tl.store(k_dst + dims, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst + dims, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def check_store_kv_inputs(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """k, v [T, Hk, D], caches [blocks, block_size, Hk, D], slot_mapping [T] int64; unit last strides."""
-    _require(
-        k.dim() == 3 and k.shape == v.shape,
-        f"k, v must be equal [T, Hk, D], got {tuple(k.shape)}, {tuple(v.shape)}",
-    )
-    _require(
-        k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:],
-        f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} must be [blocks, block_size, Hk, D] "
-        f"with Hk, D = {tuple(k.shape[1:])}",
-    )
-    _require(
-        slot_mapping.shape == (k.shape[0],) and slot_mapping.dtype == torch.int64,
-        f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}",
-    )
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _require_unit_last_stride(name, t)
 
 
 def store_kv(
