@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from trellis.core import log
+from trellis.core.engine_config import EngineConfig
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
@@ -80,7 +81,9 @@ def bench_split(model: Path, tp: int, pp: int, args: argparse.Namespace) -> list
     t0 = time.perf_counter()
     rng = random.Random(tp * 10 + pp)
     runs = []
-    with Engine(EngineArgs(model=str(model), tp=tp, pp=pp, max_num_seqs=max(args.batches))) as engine:
+    with Engine(
+        EngineArgs(model=str(model), tp=tp, pp=pp, engine=EngineConfig(max_num_seqs=max(args.batches)))
+    ) as engine:
         say(f"TP {tp} x PP {pp}: up in {time.perf_counter() - t0:.1f}s; warming up")
         warm = [[rng.randrange(MODEL["vocab_size"]) for _ in range(args.prompt_len)] for _ in range(2)]
         time_batch(engine, warm, 8, 1)

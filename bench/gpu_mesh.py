@@ -17,7 +17,7 @@ import time
 
 from gpu_common import bench_record, card, say, steady_tpot, write_json
 
-from trellis.core.spec import EngineSpec
+from trellis.core.engine_config import EngineConfig
 from trellis.deploy.local_spec import local_spec
 from trellis.deploy.mesh import Mesh
 from trellis.wire.router_client import RouterClient
@@ -53,7 +53,7 @@ def main() -> None:
         dtype="bfloat16",
         max_queue=1024,
         max_model_len=args.prompt_len + args.output_len + 16,
-        engine=EngineSpec(
+        engine=EngineConfig(
             max_num_seqs=max(batches), max_num_batched_tokens=8192, decode_burst=args.decode_burst
         ),
     )

@@ -12,6 +12,7 @@ from collections import defaultdict
 import torch
 from gpu_common import say
 
+from trellis.core.engine_config import EngineConfig
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
@@ -39,10 +40,8 @@ def main() -> None:
             preset=args.preset,
             device="cuda",
             dtype="bfloat16",
-            max_num_seqs=128,
             max_model_len=1024,
-            cuda_graphs=False,
-            enable_prefix_caching=False,
+            engine=EngineConfig(max_num_seqs=128, cuda_graphs=False, enable_prefix_caching=False),
         )
     )
     rng = random.Random(0)

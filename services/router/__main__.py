@@ -10,29 +10,31 @@ import asyncio
 import signal
 import sys
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from tokenizers import Tokenizer
 
 from services.router.servicer import RouterServicer
 from trellis.core import log
 from trellis.core.errors import ModelError
-from trellis.core.model_config import load_model_config
+from trellis.core.model_config import ModelConfig, load_model_source
+from trellis.core.request import RequestLimits
 from trellis.core.spec import DeploySpec, SpecError, load
 from trellis.core.telemetry import setup_tracing
 from trellis.core.tokenizer import TokenizerMissing, load_tokenizer
 from trellis.registry import open_registry
 from trellis.routing.replicas import ReplicaSet
-from trellis.routing.validation import Limits
+from trellis.routing.router import Router
 from trellis.v1 import router_pb2_grpc
+from trellis.wire.server import build_server
+from trellis.wire.stage_client import GrpcStageClient
+
+STOP_GRACE_S = 5.0  # in-flight streams get this long to finish when the router stops
 
 
-def _model(spec: DeploySpec):
+def _model(spec: DeploySpec) -> tuple[ModelConfig, Tokenizer | None, str]:
+    """The model's config, its tokenizer (None for a preset or a checkpoint without one), its name."""
+    cfg = load_model_source(spec.model.path, spec.model.preset)
     if spec.model.preset is not None:
-        from trellis.core.presets import model_config
-
-        return load_model_config(model_config(spec.model.preset)), None, spec.model.preset
-    cfg = load_model_config(spec.model.path)
+        return cfg, None, spec.model.preset
     try:
         tok = load_tokenizer(spec.model.tokenizer or spec.model.path)
     except TokenizerMissing:
@@ -43,32 +45,25 @@ def _model(spec: DeploySpec):
 async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> int:
     logger = log.get()
     cfg, tok, name = _model(spec)
-    limits = Limits(
-        vocab_size=cfg.vocab_size,
-        max_model_len=spec.model.max_model_len or cfg.max_position_embeddings,
-        default_max_tokens=16,
-        has_tokenizer=tok is not None,
+    limits = RequestLimits(
+        vocab_size=cfg.vocab_size, max_model_len=spec.model.max_model_len or cfg.max_position_embeddings
     )
     registry = open_registry(registry_url, spec)
-    replicas = ReplicaSet(registry)
+    replicas = ReplicaSet(registry, GrpcStageClient)
     await replicas.start()
-    server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServicer_to_server(
-        RouterServicer(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue), server
+    router = Router(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue)
+    server = build_server(
+        host, port, lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(router), s)
     )
-    health = health_aio.HealthServicer()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    logger.info("router serving", address=f"{host}:{bound}", registry=registry_url.split("@")[-1])
+    await server.set_serving(True)
+    logger.info("router serving", address=f"{host}:{server.port}", registry=registry_url.split("@")[-1])
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("router stopping")
-    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=5.0)
+    await server.stop(grace=STOP_GRACE_S)
     await replicas.close()
     await registry.close()
     return 0

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
+from typing import TYPE_CHECKING
 
 from trellis.core import log
-from trellis.core.spec import SpecError, load
+from trellis.core.processes import exit_now
+from trellis.core.spec import DeploySpec, SpecError, load
 from trellis.core.telemetry import setup_tracing
 from trellis.transport import ucx
+
+if TYPE_CHECKING:  # imported when needed: a bad spec is refused before torch loads
+    from services.stage_worker.service import StageService
 
 
 def main() -> int:
@@ -35,7 +39,7 @@ def main() -> int:
             raise SpecError(
                 f"--stage {args.stage}: replica {names[idx]} has {len(spec.replicas[idx].stages)} stages"
             )
-        spec.check_model()  # before any process starts: a bad layout is one line, not a crash later
+        cfg = spec.check_model()  # before any process starts: a bad layout is one line, not a crash later
     except ValueError as e:
         msg = (
             str(e)
@@ -49,19 +53,32 @@ def main() -> int:
     from services.stage_worker.service import StageService
 
     try:
-        service = StageService(spec, idx, args.stage)
+        service = StageService(spec, idx, args.stage, cfg)
     except (SpecError, ValueError) as e:
         print(f"stage_worker: error: {e}", file=sys.stderr)
         return 2
     try:
-        code = asyncio.run(service.run())
+        code = asyncio.run(serve(service, spec, idx, args.stage))
     finally:
         ucx.shutdown()  # its notifier thread is no daemon: the process would never exit
     # Everything is closed and logged by now. After a TP peer died, the compute thread may still
     # sit in an NCCL collective until NCCL's own timeout (minutes): it must not hold the exit.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
+
+
+async def serve(service: StageService, spec: DeploySpec, replica: int, stage: int) -> int:
+    """The service's life cycle behind its gRPC server (its servicer, health, error statuses)."""
+    from services.stage_worker.servicer import StageWorkerServicer
+    from trellis.v1 import stage_pb2_grpc
+    from trellis.wire.server import build_server
+
+    st = spec.replicas[replica].stages[stage]
+    server = build_server(
+        st.host,
+        st.port,
+        lambda s: stage_pb2_grpc.add_StageWorkerServicer_to_server(StageWorkerServicer(service), s),
+    )
+    return await service.run(server)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
-"""The stage leader's gRPC control API: Submit (head only), Stats, Drain, plus grpc.health.v1."""
+"""The stage leader's gRPC control API: Submit (head only), Stats, Drain (health: trellis.wire.server).
+
+Protobuf <-> domain only: a request is checked by the one validator (trellis.core.request) against
+the service's limits, and the service's StageStats become the wire's.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 
+from services.stage_worker.service import StageService, StageStats
 from trellis.core import log
+from trellis.core.errors import InvalidRequest
+from trellis.core.request import check_request
+from trellis.core.sampling import DEFAULT_MAX_TOKENS
 from trellis.core.telemetry import incoming_context, span_attributes, tracer
-from trellis.runtime.head import Head, ReplicaFailed
+from trellis.runtime.head import ReplicaFailed
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 from trellis.wire.plan_codec import sampling_from_pb
-
-if TYPE_CHECKING:
-    from services.stage_worker.service import StageService
-
 
 _TRACER = tracer("trellis.stage_worker")
 
@@ -25,30 +28,33 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
     def __init__(self, service: StageService) -> None:
         self.service = service
 
-    @property
-    def head(self) -> Head | None:
-        return self.service.head
-
     async def Submit(
         self, request: stage_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[stage_pb2.SubmitResponse]:
         svc = self.service
-        if svc.launch.stage != 0:
+        if not svc.is_head:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stage {svc.launch.stage} is not a head stage; submit to stage 0",
             )
-        if self.head is None or not svc.ready:
+        head = svc.head
+        if head is None or not svc.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is still starting")
         if svc.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
-        problem = svc.request_problem(request)
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        sampling = sampling_from_pb(request.sampling, default_max_tokens=svc.default_max_tokens)
+        prompt = list(request.prompt_ids)
+        try:
+            sampling = check_request(
+                prompt,
+                sampling_from_pb(request.sampling, default_max_tokens=DEFAULT_MAX_TOKENS),
+                svc.limits,
+                max_tokens_given=request.sampling.HasField("max_tokens"),
+            )
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         logger = log.get(request_id=request.request_id)
         try:
-            stream = self.head.submit(list(request.prompt_ids), sampling)
+            stream = head.submit(prompt, sampling)
         except ReplicaFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")
         except ValueError as e:
@@ -81,15 +87,32 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
             span.set_attributes(span_attributes(generated_tokens=generated, finished=finished))
             span.end()
             if not finished:  # cancelled, deadline passed, or the stream broke: free its blocks
-                self.head.abort(stream.seq_id)
+                head.abort(stream.seq_id)
 
     async def Stats(
         self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.StageStats:
-        return self.service.stats()
+        return stats_to_pb(self.service.stats())
 
     async def Drain(
         self, request: stage_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.DrainResponse:
         drained = await self.service.drain(timeout=max(0.0, (context.time_remaining() or 30.0) - 0.5))
         return stage_pb2.DrainResponse(drained=drained)
+
+
+def stats_to_pb(s: StageStats) -> stage_pb2.StageStats:
+    return stage_pb2.StageStats(
+        replica=s.replica,
+        stage=s.stage,
+        draining=s.draining,
+        ready=s.ready,
+        num_blocks=s.num_blocks,
+        free_blocks=s.free_blocks,
+        running=s.running,
+        waiting=s.waiting,
+        in_flight_steps=s.in_flight_steps,
+        steps=s.steps,
+        generated_tokens=s.generated_tokens,
+        stage_busy_s=s.stage_busy_s,
+    )

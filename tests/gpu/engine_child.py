@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from trellis.core.engine_config import EngineConfig
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
@@ -27,7 +28,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     spec = json.loads(sys.argv[2])
     prompts, max_tokens = spec.pop("prompts"), spec.pop("max_tokens")
-    args = EngineArgs(device="cuda", num_blocks=512, return_logits=True, **spec)
+    knobs = {k: spec.pop(k) for k in list(spec) if k in EngineConfig.__dataclass_fields__}
+    args = EngineArgs(device="cuda", return_logits=True, engine=EngineConfig(num_blocks=512, **knobs), **spec)
     engine = Engine(args)
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     logits = {str(i): o.first_logits.float().contiguous() for i, o in enumerate(outs)}

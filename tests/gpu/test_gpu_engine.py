@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
+from trellis.core.engine_config import EngineConfig
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
@@ -41,9 +42,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def cuda_engine_args(**kw) -> EngineArgs:
+    """EngineArgs on CUDA with 512 KV blocks; the keywords that are EngineConfig knobs go there."""
+    knobs = {k: kw.pop(k) for k in list(kw) if k in EngineConfig.__dataclass_fields__}
+    return EngineArgs(device="cuda", return_logits=True, engine=EngineConfig(num_blocks=512, **knobs), **kw)
+
+
 def run(path, ps, **kw):
-    args = EngineArgs(model=str(path), device="cuda", num_blocks=512, return_logits=True, **kw)
-    with Engine(args) as engine:
+    with Engine(cuda_engine_args(model=str(path), **kw)) as engine:
         return engine.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.checkpoints import make_checkpoint, reference_generate
+from trellis.core.engine_config import EngineConfig
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 
@@ -21,7 +22,9 @@ def gqa(tmp_path_factory):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_bursts_match_transformers(gqa, tp: int) -> None:
     path, want = gqa
-    with Engine(EngineArgs(model=str(path), tp=tp, num_blocks=64, decode_burst=4)) as engine:
+    with Engine(
+        EngineArgs(model=str(path), tp=tp, engine=EngineConfig(num_blocks=64, decode_burst=4))
+    ) as engine:
         outs = engine.generate(PROMPTS, SamplingParams(max_tokens=13, ignore_eos=True))
         assert engine.head.steps < 13  # bursts ran: fewer plans than tokens
     assert [o.token_ids for o in outs] == want

@@ -27,8 +27,10 @@ from tests.integration.engine_cases import (
     relative_error,
     small_cpu_env,
 )
+from trellis.core.engine_config import EngineConfig
+from trellis.core.errors import ConfigError
 from trellis.core.model_config import load_model_config
-from trellis.engine import Engine, EngineArgs, EngineError
+from trellis.engine import Engine, EngineArgs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,7 +84,9 @@ def test_tp2_pp3_hands_each_rank_its_slice_and_matches_transformers(
     case: Case, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TRELLIS_LOG_LEVEL", "INFO")  # the byte counts are logged at INFO
-    args = EngineArgs(model=str(case.path), tp=2, pp=3, return_logits=True, enable_prefix_caching=False)
+    args = EngineArgs(
+        model=str(case.path), tp=2, pp=3, return_logits=True, engine=EngineConfig(enable_prefix_caching=False)
+    )
     with Engine(args) as engine:
         outs = engine.generate(case.prompts, GREEDY)
         steps = engine.head.steps
@@ -107,7 +111,7 @@ def test_tp2_pp3_hands_each_rank_its_slice_and_matches_transformers(
 
 
 def test_every_stage_reports_its_busy_seconds_to_the_head(case: Case) -> None:
-    args = EngineArgs(model=str(case.path), pp=2, enable_prefix_caching=False)
+    args = EngineArgs(model=str(case.path), pp=2, engine=EngineConfig(enable_prefix_caching=False))
     with Engine(args) as engine:
         assert engine.head.scheduler.config.max_in_flight == 2  # one micro-batch per stage
         before = engine.stage_busy_seconds()
@@ -128,9 +132,11 @@ def test_every_stage_reports_its_busy_seconds_to_the_head(case: Case) -> None:
 
 
 def test_one_micro_batch_in_flight_leaves_the_stages_taking_turns(case: Case) -> None:
-    with pytest.raises(EngineError, match="max_in_flight must be >= 1"):
-        Engine(EngineArgs(model=str(case.path), pp=2, max_in_flight=0))
-    args = EngineArgs(model=str(case.path), pp=2, max_in_flight=1, enable_prefix_caching=False)
+    with pytest.raises(ConfigError, match=r"^engine\.max_in_flight: must be >= 1, got 0$"):
+        Engine(EngineArgs(model=str(case.path), pp=2, engine=EngineConfig(max_in_flight=0)))
+    args = EngineArgs(
+        model=str(case.path), pp=2, engine=EngineConfig(max_in_flight=1, enable_prefix_caching=False)
+    )
     with Engine(args) as engine:
         assert engine.head.scheduler.config.max_in_flight == 1
         before = engine.stage_busy_seconds()

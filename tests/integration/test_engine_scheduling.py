@@ -24,6 +24,7 @@ from tests.integration.engine_cases import (
     relative_error,
     small_cpu_env,
 )
+from trellis.core.engine_config import EngineConfig
 from trellis.core.model_config import load_model_config
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Completion, Engine, EngineArgs
@@ -90,8 +91,16 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Workload:
     )
 
 
-def run_engine(workload: Workload, **engine_args: int) -> Run:
-    args = EngineArgs(model=str(workload.path), return_logits=True, **engine_args)
+def run_engine(workload: Workload, tp: int, pp: int, max_model_len: int | None = None, **knobs: int) -> Run:
+    """The workload on a TP x PP engine; `knobs` are EngineConfig fields."""
+    args = EngineArgs(
+        model=str(workload.path),
+        tp=tp,
+        pp=pp,
+        max_model_len=max_model_len,
+        return_logits=True,
+        engine=EngineConfig(**knobs),
+    )
     with Engine(args) as engine:
         outs = engine.generate(workload.prompts, workload.params)
         stats = engine.head.scheduler.stats()

@@ -88,7 +88,7 @@ MALFORMED: list[tuple[str, Edit, str]] = [
     ("text prompt longer than the context", prompt_text("ab " * CONTEXT), "tokens; the context is"),
     ("empty stop string", stop("ok", ""), "stop contains an empty string"),
     ("too many stop strings", stop(*(f"s{i}" for i in range(40))), "stop has 40 strings"),
-    ("seed of 2^63", sampling(seed=2**63), "sampling.seed must be < 2^63"),
+    ("seed of 2^63", sampling(seed=2**63), "sampling.seed must be in [0, 2^63)"),
     (
         "stop token id past the vocabulary",
         sampling(stop_token_ids=[1, VOCAB + 5]),

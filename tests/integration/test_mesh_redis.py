@@ -13,11 +13,13 @@ import grpc
 import pytest
 import redis
 
-from services.stage_worker.service import LEASE_TTL_S
 from tests.mesh_fixtures import StreamReader, collect, running_mesh, service, wait_for
+from trellis.core.engine_config import EngineConfig
 from trellis.deploy.local_spec import local_spec
 from trellis.deploy.mesh import Mesh, health
 from trellis.wire.router_client import RouterClient
+
+LEASE_TTL_S = EngineConfig().lease_ttl_s  # the specs here leave the stages' lease at its default
 
 pytestmark = pytest.mark.timeout(300)
 

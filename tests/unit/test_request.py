@@ -43,13 +43,12 @@ def test_a_bad_prompt_is_named(prompt: list[int], words: str) -> None:
         (SamplingParams(top_p=1.5), "sampling.top_p"),
         (SamplingParams(top_k=-1), "sampling.top_k"),
         (SamplingParams(max_tokens=0), "sampling.max_tokens"),
-        (SamplingParams(max_tokens=64), "sampling.max_tokens"),
         (SamplingParams(seed=2**63), "sampling.seed"),
         (SamplingParams(stop_token_ids=(5, 100)), "sampling.stop_token_ids"),
     ],
 )
 def test_bad_sampling_names_its_field(sampling: SamplingParams, field: str) -> None:
-    assert sampling_problem(sampling, LIMITS).startswith(field)
+    assert sampling_problem(sampling, LIMITS.vocab_size).startswith(field)
     with pytest.raises(InvalidRequest, match=field.replace(".", r"\.")):
         check_request([1, 2, 3], sampling, LIMITS)
 
@@ -71,6 +70,8 @@ def test_unset_max_tokens_takes_the_default_cut_to_the_room_left() -> None:
 
 
 def test_given_max_tokens_must_fit_the_context() -> None:
+    with pytest.raises(InvalidRequest, match=r"^sampling\.max_tokens 64 is past the context of 64$"):
+        check_request([1, 2], SamplingParams(max_tokens=64), LIMITS)
     assert check_request([1] * 10, SamplingParams(max_tokens=54), LIMITS).max_tokens == 54
     with pytest.raises(InvalidRequest, match=r"prompt \(10 tokens\) \+ max_tokens \(55\)"):
         check_request([1] * 10, SamplingParams(max_tokens=55), LIMITS)

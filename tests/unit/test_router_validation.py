@@ -1,72 +1,90 @@
-"""Router request validation: each malformed request is refused with one line saying what is wrong."""
+"""Router request validation: each malformed request is refused with one line saying what is wrong.
+
+The requests go through `Router.generate` with no replica serving: a bad one is InvalidRequest
+(before admission), a good one passes validation and is refused only for want of a replica.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from dataclasses import dataclass, field
 
 import pytest
 
-from trellis.routing.validation import (
-    MAX_REQUEST_ID_LEN,
-    MAX_STOP_STRINGS,
-    InvalidRequest,
-    Limits,
-    check_length,
-    check_request,
-)
-from trellis.v1 import router_pb2
+from trellis.core.errors import InvalidRequest, Unavailable
+from trellis.core.request import MAX_REQUEST_ID_LEN, MAX_STOP_STRINGS, RequestLimits, resolve_max_tokens
+from trellis.core.sampling import SamplingParams
+from trellis.registry import ReplicaLoad, ReplicaView
+from trellis.routing.replicas import ReplicaSet
+from trellis.routing.router import Router
+from trellis.routing.validation import Prompt, router_problem
 
-LIMITS = Limits(vocab_size=100, max_model_len=64, default_max_tokens=16, has_tokenizer=True)
-NO_TOKENIZER = Limits(vocab_size=100, max_model_len=64, default_max_tokens=16, has_tokenizer=False)
+LIMITS = RequestLimits(vocab_size=100, max_model_len=64)
 
 
-def request(
-    edit: Callable[[router_pb2.GenerateRequest], None] = lambda r: None,
-) -> router_pb2.GenerateRequest:
-    req = router_pb2.GenerateRequest(request_id="req-1")
-    req.token_ids.ids.extend([1, 2, 3])
-    edit(req)
-    return req
+@dataclass(frozen=True)
+class Request:
+    prompt: Prompt | None = (1, 2, 3)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens_given: bool = False
+    stop: tuple[str, ...] = ()
+    request_id: str = "req-1"
 
 
-def text(value: str) -> Callable[[router_pb2.GenerateRequest], None]:
-    def edit(r: router_pb2.GenerateRequest) -> None:
-        r.text = value
+class NoReplicas:
+    async def replicas(self) -> dict[str, ReplicaView]:
+        return {}
 
-    return edit
-
-
-def ids(*values: int) -> Callable[[router_pb2.GenerateRequest], None]:
-    def edit(r: router_pb2.GenerateRequest) -> None:
-        r.ClearField("token_ids")
-        r.token_ids.SetInParent()  # an empty but present token_ids prompt
-        r.token_ids.ids.extend(values)
-
-    return edit
+    async def loads(self) -> dict[str, ReplicaLoad]:
+        return {}
 
 
-def sampling(**fields: object) -> Callable[[router_pb2.GenerateRequest], None]:
-    def edit(r: router_pb2.GenerateRequest) -> None:
-        for name, value in fields.items():
-            if isinstance(value, list):
-                getattr(r.sampling, name).extend(value)
-            else:
-                setattr(r.sampling, name, value)
+class WordTokenizer:
+    """Enough of a tokenizer for validation: one id per word."""
 
-    return edit
+    def encode(self, text: str, add_special_tokens: bool = True) -> WordTokenizer.Encoding:
+        return WordTokenizer.Encoding([1 + len(w) % 50 for w in text.split()])
 
-
-def stop(*strings: str) -> Callable[[router_pb2.GenerateRequest], None]:
-    return lambda r: r.stop.extend(strings)
+    @dataclass
+    class Encoding:
+        ids: list[int]
 
 
-# (case id, edit, the words the message must hold)
-MALFORMED: list[tuple[str, Callable[[router_pb2.GenerateRequest], None], str]] = [
-    ("no prompt", lambda r: r.ClearField("token_ids"), "prompt is missing"),
-    ("empty text", text(""), "prompt text is empty"),
-    ("empty token ids", ids(), "token_ids is empty"),
-    ("token id past the vocabulary", ids(1, 100), "token id 100 is outside the vocabulary [0, 100)"),
-    ("negative token id", ids(-1, 2), "token id -1 is outside the vocabulary"),
+def route(req: Request, *, has_tokenizer: bool = True) -> None:
+    """Run the request through the router's validation; raise what it raises."""
+
+    async def scenario() -> None:
+        tokenizer = WordTokenizer() if has_tokenizer else None
+        router = Router(
+            ReplicaSet(NoReplicas(), lambda a: None), LIMITS, tokenizer, model_name="m", max_queue=8
+        )  # type: ignore[arg-type]
+        agen = router.generate(
+            req.prompt,
+            req.sampling,
+            max_tokens_given=req.max_tokens_given,
+            stop=req.stop,
+            request_id=req.request_id,
+        )
+        await anext(agen)
+
+    asyncio.run(scenario())
+
+
+def sampling(**fields: object) -> Request:
+    return Request(sampling=SamplingParams(**fields), max_tokens_given="max_tokens" in fields)  # type: ignore[arg-type]
+
+
+# (case id, the request, the words the message must hold)
+MALFORMED: list[tuple[str, Request, str]] = [
+    ("no prompt", Request(prompt=None), "prompt is missing"),
+    ("empty text", Request(prompt=""), "prompt text is empty"),
+    ("empty token ids", Request(prompt=()), "token_ids is empty"),
+    (
+        "token id past the vocabulary",
+        Request(prompt=(1, 100)),
+        "token id 100 is outside the vocabulary [0, 100)",
+    ),
+    ("negative token id", Request(prompt=(-1, 2)), "token id -1 is outside the vocabulary"),
     ("negative temperature", sampling(temperature=-0.5), "sampling.temperature must be a finite number >= 0"),
     ("NaN temperature", sampling(temperature=float("nan")), "sampling.temperature"),
     ("infinite temperature", sampling(temperature=float("inf")), "sampling.temperature"),
@@ -77,43 +95,57 @@ MALFORMED: list[tuple[str, Callable[[router_pb2.GenerateRequest], None], str]] =
     ("max_tokens zero", sampling(max_tokens=0), "sampling.max_tokens must be > 0, got 0"),
     ("negative max_tokens", sampling(max_tokens=-5), "sampling.max_tokens must be > 0, got -5"),
     ("max_tokens past the context", sampling(max_tokens=64), "max_tokens 64 is past the context of 64"),
-    ("seed of 2^63", sampling(seed=2**63), "sampling.seed must be < 2^63"),
-    ("stop token id past the vocabulary", sampling(stop_token_ids=[5, 100]), "sampling.stop_token_ids: 100"),
-    ("negative stop token id", sampling(stop_token_ids=[-3]), "sampling.stop_token_ids: -3"),
-    ("empty stop string", stop("ok", ""), "stop contains an empty string"),
+    ("seed of 2^63", sampling(seed=2**63), "sampling.seed must be in [0, 2^63)"),
+    ("stop token id past the vocabulary", sampling(stop_token_ids=(5, 100)), "sampling.stop_token_ids: 100"),
+    ("negative stop token id", sampling(stop_token_ids=(-3,)), "sampling.stop_token_ids: -3"),
+    ("empty stop string", Request(stop=("ok", "")), "stop contains an empty string"),
     (
         "too many stop strings",
-        stop(*(f"s{i}" for i in range(MAX_STOP_STRINGS + 1))),
+        Request(stop=tuple(f"s{i}" for i in range(MAX_STOP_STRINGS + 1))),
         f"stop has {MAX_STOP_STRINGS + 1} strings; at most {MAX_STOP_STRINGS}",
     ),
-    ("over-long stop string", stop("x" * 1000), "a stop string is longer than"),
+    ("over-long stop string", Request(stop=("x" * 1000,)), "a stop string is longer than"),
     (
         "over-long request id",
-        lambda r: setattr(r, "request_id", "r" * (MAX_REQUEST_ID_LEN + 1)),
+        Request(request_id="r" * (MAX_REQUEST_ID_LEN + 1)),
         f"request_id is longer than {MAX_REQUEST_ID_LEN}",
+    ),
+    (
+        "prompt longer than the context",
+        Request(prompt=(5,) * 70),
+        "the prompt has 70 tokens; the context is 64",
+    ),
+    (
+        "text longer than the context",
+        Request(prompt="ab " * 64),
+        "the prompt has 64 tokens; the context is 64",
+    ),
+    (
+        "prompt and max_tokens past the context",
+        Request(prompt=(1, 2, 3), sampling=SamplingParams(max_tokens=62), max_tokens_given=True),
+        "prompt (3 tokens) + max_tokens (62) is past the context of 64",
     ),
 ]
 
 
-@pytest.mark.parametrize(("edit", "words"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
-def test_malformed_requests_are_refused_with_a_reason(
-    edit: Callable[[router_pb2.GenerateRequest], None], words: str
-) -> None:
+@pytest.mark.parametrize("req, words", [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_requests_are_refused_with_a_reason(req: Request, words: str) -> None:
     with pytest.raises(InvalidRequest) as err:
-        check_request(request(edit), LIMITS)
+        route(req)
     assert words in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
-    "edit",
+    "req",
     [
-        lambda r: None,
-        text("hello"),
-        sampling(temperature=0.7, top_p=1.0, top_k=5, seed=2**63 - 1, max_tokens=63, stop_token_ids=[0, 99]),
-        stop(*(f"s{i}" for i in range(MAX_STOP_STRINGS))),
-        lambda r: setattr(r, "request_id", "r" * MAX_REQUEST_ID_LEN),
-        lambda r: setattr(r, "request_id", ""),
+        Request(),
+        Request(prompt="hello"),
+        sampling(temperature=0.7, top_p=1.0, top_k=5, seed=2**63 - 1, max_tokens=61, stop_token_ids=(0, 99)),
+        Request(stop=tuple(f"s{i}" for i in range(MAX_STOP_STRINGS))),
+        Request(request_id="r" * MAX_REQUEST_ID_LEN),
+        Request(request_id=""),
+        Request(prompt=(1,) * 60),  # no max_tokens: the default, cut to the room left
     ],
     ids=[
         "token ids",
@@ -122,18 +154,28 @@ def test_malformed_requests_are_refused_with_a_reason(
         "most stop strings",
         "longest id",
         "no id",
+        "nearly full",
     ],
 )
-def test_good_requests_pass(edit: Callable[[router_pb2.GenerateRequest], None]) -> None:
-    check_request(request(edit), LIMITS)
+def test_good_requests_pass(req: Request) -> None:
+    with pytest.raises(Unavailable, match="no replica is serving"):  # past validation, to admission
+        route(req)
 
 
 def test_text_and_stop_strings_need_a_tokenizer_but_token_ids_do_not() -> None:
     with pytest.raises(InvalidRequest, match="no tokenizer: send the prompt as token_ids"):
-        check_request(request(text("hello")), NO_TOKENIZER)
+        route(Request(prompt="hello"), has_tokenizer=False)
     with pytest.raises(InvalidRequest, match="stop strings need the model's tokenizer"):
-        check_request(request(stop("end")), NO_TOKENIZER)
-    check_request(request(sampling(stop_token_ids=[7])), NO_TOKENIZER)
+        route(Request(stop=("end",)), has_tokenizer=False)
+    with pytest.raises(Unavailable):
+        route(sampling(stop_token_ids=(7,)), has_tokenizer=False)
+
+
+def test_the_router_only_checks_are_domain_typed() -> None:
+    assert router_problem("id", (1, 2), (), has_tokenizer=False) is None
+    assert router_problem("id", "text", ("x",), has_tokenizer=True) is None
+    assert router_problem("id", None, (), has_tokenizer=True) == "prompt is missing: set text or token_ids"
+    assert router_problem("id", [], (), has_tokenizer=True) == "prompt token_ids is empty"
 
 
 @pytest.mark.parametrize(
@@ -145,21 +187,18 @@ def test_text_and_stop_strings_need_a_tokenizer_but_token_ids_do_not() -> None:
         (1, 1, 1),
     ],
 )
-def test_check_length_gives_the_max_tokens_to_ask_for(
-    prompt_len: int, max_tokens: int | None, expected: int
-) -> None:
-    assert check_length(prompt_len, max_tokens, LIMITS) == expected
+def test_the_max_tokens_to_ask_for(prompt_len: int, max_tokens: int | None, expected: int) -> None:
+    assert resolve_max_tokens(prompt_len, max_tokens, LIMITS) == expected
 
 
 @pytest.mark.parametrize(
     ("prompt_len", "max_tokens", "words"),
     [
-        (64, None, "the prompt has 64 tokens; the context is 64"),
-        (100, 1, "the prompt has 100 tokens"),
         (3, 62, "prompt (3 tokens) + max_tokens (62) is past the context of 64"),
+        (10, 55, "prompt (10 tokens) + max_tokens (55) is past the context of 64"),
     ],
 )
-def test_check_length_refuses_what_cannot_fit(prompt_len: int, max_tokens: int | None, words: str) -> None:
+def test_what_cannot_fit_is_refused(prompt_len: int, max_tokens: int | None, words: str) -> None:
     with pytest.raises(InvalidRequest) as err:
-        check_length(prompt_len, max_tokens, LIMITS)
+        resolve_max_tokens(prompt_len, max_tokens, LIMITS)
     assert words in str(err.value)

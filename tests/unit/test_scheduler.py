@@ -233,7 +233,7 @@ def random_workload(rng: random.Random, cfg: SchedulerConfig, n: int) -> list[Re
     return requests
 
 
-def random_config(rng: random.Random, max_in_flight: int, max_decode_burst: int = 1) -> SchedulerConfig:
+def random_config(rng: random.Random, max_in_flight: int, decode_burst: int = 1) -> SchedulerConfig:
     block_size = rng.choice([1, 2, 4, 8])
     return SchedulerConfig(
         num_blocks=rng.randint(max(4, 24 // block_size), 96 // block_size),  # often scarce: preemption
@@ -245,7 +245,7 @@ def random_config(rng: random.Random, max_in_flight: int, max_decode_burst: int 
         enable_prefix_caching=rng.random() < 0.7,
         max_in_flight=max_in_flight,
         admission_watermark=rng.choice([0.0, 0.1]),
-        max_decode_burst=max_decode_burst,
+        decode_burst=decode_burst,
     )
 
 
@@ -264,7 +264,7 @@ def test_random_workloads_match_running_alone(seed: int, max_in_flight: int) -> 
 def test_decode_bursts_give_the_same_outputs(seed: int) -> None:
     """Greedy decode bursts (several steps on the device per plan) change nothing a client sees."""
     rng = random.Random(seed * 7 + 1)
-    cfg = random_config(rng, max_in_flight=1, max_decode_burst=rng.choice([2, 4, 8]))
+    cfg = random_config(rng, max_in_flight=1, decode_burst=rng.choice([2, 4, 8]))
     requests = random_workload(rng, cfg, n=rng.randint(3, 20))
     aborts = {rng.randint(1, 400): rng.randrange(len(requests)) for _ in range(rng.randint(0, 2))}
     out = simulate(cfg, requests, aborts, seed)
@@ -272,7 +272,7 @@ def test_decode_bursts_give_the_same_outputs(seed: int) -> None:
 
 
 def test_bursts_run_when_nobody_waits_and_stop_at_max_tokens() -> None:
-    cfg = config(max_decode_burst=4, max_num_seqs=8, num_blocks=64)
+    cfg = config(decode_burst=4, max_num_seqs=8, num_blocks=64)
     sp = SamplingParams(max_tokens=10, ignore_eos=True)
     requests = [Request(0, i, (3, 1, 4, 1, 5)[: i + 2], sp) for i in range(3)]
     out = simulate(cfg, requests, {}, seed=0)
@@ -460,13 +460,13 @@ def test_stop_and_eos_tokens_finish_with_stop() -> None:
 
 def test_requests_that_can_never_run_are_rejected_clearly() -> None:
     sched = Scheduler(config(max_model_len=512, num_blocks=200))
-    with pytest.raises(InvalidRequestError, match=r"^prompt of 600 tokens exceeds max_model_len 512$"):
+    with pytest.raises(InvalidRequestError, match=r"^the prompt has 600 tokens; the context is 512$"):
         sched.add(0, [1] * 600, LONG)
-    with pytest.raises(ValueError, match="prompt of 512 tokens reaches max_model_len 512"):
+    with pytest.raises(ValueError, match="the prompt has 512 tokens; the context is 512"):
         sched.add(0, [1] * 512, LONG)
     with pytest.raises(ValueError, match="needs 10 KV blocks, the cache holds 8"):
         Scheduler(config(num_blocks=8)).add(0, [1] * 40, LONG)
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(ValueError, match="the prompt is empty"):
         sched.add(0, [], LONG)
     with pytest.raises(ValueError, match="token id -1"):
         sched.add(0, [1, -1], LONG)

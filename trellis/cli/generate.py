@@ -8,6 +8,8 @@ import os
 import sys
 
 from trellis.core import log
+from trellis.core.engine_config import EngineConfig
+from trellis.core.sampling import DEFAULT_MAX_TOKENS
 
 
 def _ids(text: str) -> list[int]:
@@ -38,7 +40,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -46,7 +48,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--num-blocks", type=int)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=EngineConfig.block_size)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     p.set_defaults(func=run_generate)
 
@@ -69,6 +71,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_offline(args: argparse.Namespace) -> int:
+    from trellis.core.errors import ConfigError
+    from trellis.core.request import sampling_problem
     from trellis.core.sampling import SamplingParams
     from trellis.core.tokenizer import TokenizerMissing, decode, encode, load_tokenizer
     from trellis.engine import Engine, EngineArgs, EngineError
@@ -93,9 +97,10 @@ def _generate_offline(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
     )
-    if sampling.problems():
-        return fail("; ".join(sampling.problems()))
-    try:
+    # The values alone, before any process starts (the engine checks the rest, against the model).
+    if problem := sampling_problem(sampling, vocab_size=2**31):
+        return fail(problem)
+    try:  # the engine checks every request with the one validator (trellis.core.request)
         with Engine(
             EngineArgs(
                 model=args.model,
@@ -106,12 +111,11 @@ def _generate_offline(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 load_format=args.load_format,
                 max_model_len=args.max_model_len,
-                num_blocks=args.num_blocks,
-                block_size=args.block_size,
+                engine=EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size),
             )
         ) as engine:
             outs = engine.generate(prompts, sampling)
-    except EngineError as e:
+    except (EngineError, ConfigError) as e:
         return fail(str(e))
     for out in outs:
         text = decode(tok, out.token_ids) if tok is not None else ""

@@ -1,8 +1,9 @@
 """The error tree: every error Trellis raises on purpose is a TrellisError, told in one line.
 
 Callers at a boundary map the branches once: InvalidRequest -> INVALID_ARGUMENT (HTTP 400),
-Unavailable -> UNAVAILABLE (503), Overloaded -> RESOURCE_EXHAUSTED (429); ConfigError (a spec, a
-model or an engine setting) stops a process before it serves, with the field named.
+Unavailable -> UNAVAILABLE (503), Overloaded -> RESOURCE_EXHAUSTED (429), DeadlineExceeded ->
+DEADLINE_EXCEEDED (504); ConfigError (a spec, a model or an engine setting) stops a process before
+it serves, with the field named.
 """
 
 from __future__ import annotations
@@ -34,3 +35,7 @@ class Unavailable(TrellisError):
 
 class Overloaded(TrellisError):
     """Admission refused: too many requests in flight (RESOURCE_EXHAUSTED / HTTP 429)."""
+
+
+class DeadlineExceeded(TrellisError):
+    """The request's deadline passed before it finished (DEADLINE_EXCEEDED / HTTP 504)."""

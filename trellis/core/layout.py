@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from trellis.core.engine_config import EngineConfig
 from trellis.core.errors import ModelError
 from trellis.core.model_config import ModelConfig
 from trellis.core.spec import balanced_layers
@@ -22,3 +23,15 @@ def default_num_blocks(cfg: ModelConfig, *, block_size: int, max_model_len: int,
     """A CPU default: room for every sequence at full length, capped at 64 full-length sequences."""
     per_seq = math.ceil(max_model_len / block_size)
     return per_seq * min(max_num_seqs, 64) + 1
+
+
+def stage_num_blocks(
+    engine: EngineConfig, cfg: ModelConfig, *, device: str, max_model_len: int
+) -> int | None:
+    """The KV blocks a stage allocates: engine.num_blocks where set; else None on CUDA (the runner
+    fits the GPU) and default_num_blocks on CPU. The one place that reads "unset"."""
+    if engine.num_blocks is not None or device == "cuda":
+        return engine.num_blocks
+    return default_num_blocks(
+        cfg, block_size=engine.block_size, max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trellis.core import presets
 from trellis.core.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -62,6 +63,19 @@ def load_model_config(source: str | Path | Mapping[str, Any]) -> ModelConfig:
     """Parse a config from a dict, a model directory or a ``config.json`` path."""
     raw = source if isinstance(source, Mapping) else _read_config_json(Path(source))
     return _parse(raw)
+
+
+def load_model_source(path: str | Path | None, preset: str | None) -> ModelConfig:
+    """The config of a model given as a directory or as a built-in preset (exactly one of them):
+    what every process reads before it lays out or loads a model. Raises ModelError."""
+    if (path is None) == (preset is None):
+        raise ModelError("give exactly one of a model directory or a preset")
+    if preset is not None:
+        try:
+            return load_model_config(presets.model_config(preset))
+        except presets.UnknownPresetError as e:
+            raise ModelError(str(e)) from None
+    return load_model_config(path)
 
 
 def check_parallel(cfg: ModelConfig, tp: int, layers: tuple[int, int]) -> None:

@@ -41,8 +41,9 @@ def prompt_problem(prompt_ids: Sequence[int], limits: RequestLimits) -> str | No
     return None
 
 
-def sampling_problem(sp: SamplingParams, limits: RequestLimits) -> str | None:
-    """What is wrong with sampling parameters (None when valid); names the field."""
+def sampling_problem(sp: SamplingParams, vocab_size: int) -> str | None:
+    """What is wrong with the sampling values themselves (None when valid); names the field. How
+    many tokens fit the context is the room rule's (check_request), not a property of the values."""
     if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
         return f"sampling.temperature must be a finite number >= 0, got {sp.temperature}"
     if not (math.isfinite(sp.top_p) and 0 < sp.top_p <= 1):
@@ -51,13 +52,11 @@ def sampling_problem(sp: SamplingParams, limits: RequestLimits) -> str | None:
         return f"sampling.top_k must be >= 0 (0 disables it), got {sp.top_k}"
     if sp.max_tokens <= 0:
         return f"sampling.max_tokens must be > 0, got {sp.max_tokens}"
-    if sp.max_tokens >= limits.max_model_len:
-        return f"sampling.max_tokens {sp.max_tokens} is past the context of {limits.max_model_len}"
     if sp.seed is not None and not 0 <= sp.seed < MAX_SEED:
         return f"sampling.seed must be in [0, 2^63), got {sp.seed}"
-    bad = next((t for t in sp.stop_token_ids if not 0 <= t < limits.vocab_size), None)
+    bad = next((t for t in sp.stop_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        return f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {limits.vocab_size})"
+        return f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})"
     return None
 
 
@@ -100,10 +99,14 @@ def check_request(
     rule above); otherwise prompt + max_tokens must fit the context.
     """
     problem = prompt_problem(prompt_ids, limits) or sampling_problem(
-        sampling if max_tokens_given else replace(sampling, max_tokens=1), limits
+        sampling if max_tokens_given else replace(sampling, max_tokens=1), limits.vocab_size
     )
     if problem:
         raise InvalidRequest(problem)
+    if max_tokens_given and sampling.max_tokens >= limits.max_model_len:
+        raise InvalidRequest(
+            f"sampling.max_tokens {sampling.max_tokens} is past the context of {limits.max_model_len}"
+        )
     max_tokens = resolve_max_tokens(
         len(prompt_ids), sampling.max_tokens if max_tokens_given else None, limits
     )

@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
-from trellis.core.errors import SpecError
+from trellis.core.engine_config import EngineConfig
+from trellis.core.errors import ConfigError, ModelError, SpecError
 from trellis.core.handoff_rules import handoff_ranks, sliced_handoff_problem
+from trellis.core.model_config import ModelConfig, check_parallel, load_model_source
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,22 +75,11 @@ class KVStoreSpec:
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    block_size: int = 16
-    num_blocks: int | None = None  # None: sized from free memory (gpu_memory_utilization)
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048  # token budget of one step; longer prompts are chunked
-    cuda_graphs: bool = True
-    decode_burst: int = 1  # greedy decode steps per plan when nobody waits (one-stage replicas)
-
-
-@dataclass(frozen=True)
 class DeploySpec:
     model: ModelSpec
     replicas: tuple[ReplicaSpec, ...]
     router: RouterSpec = field(default_factory=RouterSpec)
-    engine: EngineSpec = field(default_factory=EngineSpec)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     kv_store: KVStoreSpec | None = None
     registry: str = "embedded"  # or redis://HOST:PORT/DB
 
@@ -121,20 +112,13 @@ class DeploySpec:
                     f"replicas[{i}].stages: cover layers [0, {expect}) but the model has {num_layers}"
                 )
 
-    def check_model(self) -> None:
+    def check_model(self) -> ModelConfig:
         """Check the spec against its model's config.json (or preset): the model can be read, every
-        replica's stages tile its layers, every stage's TP size splits it. Errors name the field."""
-        from trellis.core.errors import ModelError
-        from trellis.core.model_config import check_parallel, load_model_config
-
+        replica's stages tile its layers, every stage's TP size splits it. Errors name the field.
+        Returns the model's config (read once, for the caller to use)."""
         try:
-            if self.model.preset is not None:
-                from trellis.core.presets import model_config
-
-                cfg = load_model_config(model_config(self.model.preset))
-            else:
-                cfg = load_model_config(self.model.path)
-        except (ModelError, ValueError) as e:
+            cfg = load_model_source(self.model.path, self.model.preset)
+        except ModelError as e:
             raise SpecError(f"model.{'preset' if self.model.preset else 'path'}: {e}") from None
         self.check_layers(cfg.num_hidden_layers)
         for i, rep in enumerate(self.replicas):
@@ -144,6 +128,7 @@ class DeploySpec:
                 except ModelError as e:
                     raise SpecError(f"replicas[{i}].stages[{j}].tp: {e}") from None
         self.check_handoff(cfg.hidden_size)
+        return cfg
 
     def check_handoff(self, hidden_size: int) -> None:
         """Between stages each TP rank hands its 1/tp slice of the hidden states to the same rank of
@@ -316,20 +301,10 @@ def parse(raw: Any) -> DeploySpec:
     router = _dataclass_from(
         RouterSpec, "router", top.get("router"), {"host": _str(), "port": _port, "max_queue": _int(1)}
     )
-    engine = _dataclass_from(
-        EngineSpec,
-        "engine",
-        top.get("engine"),
-        {
-            "block_size": _int(1),
-            "num_blocks": _opt(_int(1)),
-            "gpu_memory_utilization": lambda w, v: _typed(w, v, (int, float), minimum=0.05),
-            "max_num_seqs": _int(1),
-            "max_num_batched_tokens": _int(1),
-            "cuda_graphs": lambda w, v: _typed(w, v, bool),
-            "decode_burst": _int(1),
-        },
-    )
+    try:  # the knobs, their types and ranges are EngineConfig's own: listed once, there
+        engine = EngineConfig.from_dict(top.get("engine"))
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
     kv = top.get("kv_store")
     kv_store = (
         None

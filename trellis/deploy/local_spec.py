@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from trellis.core.engine_config import EngineConfig
 from trellis.core.handoff_rules import handoff_ranks
 from trellis.core.layout import split_layers
-from trellis.core.model_config import load_model_config
+from trellis.core.model_config import load_model_source
 from trellis.core.net import free_port_runs
-from trellis.core.spec import DeploySpec, EngineSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
+from trellis.core.spec import DeploySpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 
 
 def local_spec(
@@ -20,17 +21,12 @@ def local_spec(
     device: str = "cpu",
     dtype: str = "float32",
     registry: str = "embedded",
-    engine: EngineSpec | None = None,
+    engine: EngineConfig | None = None,
     max_queue: int = 256,
     max_model_len: int | None = None,
 ) -> DeploySpec:
     """A model directory, or a preset (dummy weights, for benchmarks)."""
-    if preset is not None:
-        from trellis.core.presets import model_config
-
-        cfg = load_model_config(model_config(preset))
-    else:
-        cfg = load_model_config(model_path)
+    cfg = load_model_source(model_path, preset)
     layers = split_layers(cfg.num_hidden_layers, stages)
     # Per stage: control, UCX (TP rank r of a multi-stage replica listens on ucx_port + r), rendezvous.
     ucx_run = handoff_ranks(tp, stages)
@@ -61,5 +57,5 @@ def local_spec(
         max_model_len=max_model_len,
     )
     return DeploySpec(
-        model=model, replicas=tuple(reps), router=router, engine=engine or EngineSpec(), registry=registry
+        model=model, replicas=tuple(reps), router=router, engine=engine or EngineConfig(), registry=registry
     )

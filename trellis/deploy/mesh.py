@@ -6,11 +6,9 @@ process dies (Linux parent-death signal), so none outlives it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,19 +17,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from trellis.core.processes import spawn_module
 from trellis.core.spec import DeploySpec
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
 class Service:
     name: str  # "router" or "REPLICA/stage-S"
     address: str  # host:port of its gRPC server
-    argv: list[str]
+    module: str  # run as `python -m module args`
+    args: list[str]
     proc: subprocess.Popen | None = None
 
     def alive(self) -> bool:
@@ -72,12 +67,12 @@ class Mesh:
         # it sleep, for ~0.6 ms more per hop (bench/mesh_cpu.py). GPU hosts keep the faster default.
         if all(st.device == "cpu" for rep in spec.replicas for st in rep.stages):
             self.env.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
-        py = [sys.executable, "-m"]
         extra = ["--registry", registry] if registry else []
         self.router = Service(
             "router",
             f"{spec.router.host}:{spec.router.port}",
-            [*py, "services.router", "--spec", self.spec_path, *extra],
+            "services.router",
+            ["--spec", self.spec_path, *extra],
         )
         self.stages: list[Service] = []
         for rep in spec.replicas:
@@ -86,9 +81,8 @@ class Mesh:
                     Service(
                         f"{rep.name}/stage-{j}",
                         f"{st.host}:{st.port}",
+                        "services.stage_worker",
                         [
-                            *py,
-                            "services.stage_worker",
                             "--spec",
                             self.spec_path,
                             "--replica",
@@ -108,9 +102,7 @@ class Mesh:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{svc.name.replace('/', '-')}.log", "ab")  # noqa: SIM115 - the child owns it
-        svc.proc = subprocess.Popen(
-            svc.argv, env=self.env, preexec_fn=_die_with_parent, stdout=out, stderr=out
-        )
+        svc.proc = spawn_module(svc.module, svc.args, env=self.env, stdout=out, stderr=out)
         if out is not None:
             out.close()  # the child holds its own descriptor
 

@@ -11,8 +11,9 @@ import json
 import sys
 from typing import Any
 
+from trellis.core.engine_config import EngineConfig
 from trellis.core.presets import PRESETS
-from trellis.core.spec import EngineSpec, SpecError
+from trellis.core.spec import SpecError
 from trellis.planner.calibration import default_calibration, load_calibration
 from trellis.planner.emit import emit_spec
 from trellis.planner.errors import PlanError
@@ -38,7 +39,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    engine = EngineSpec()
+    engine = EngineConfig()
     m = p.add_argument_group("model")
     m.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a config.json / model directory")
     m.add_argument("--dtype", choices=WEIGHT_DTYPES, default="bf16", help="weight dtype (default bf16)")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
+from trellis.core.engine_config import EngineConfig
 from trellis.core.spec import (
     DeploySpec,
-    EngineSpec,
     KVStoreSpec,
     ModelSpec,
     ReplicaSpec,
@@ -75,7 +75,7 @@ def build_spec(plan: Plan, c: Candidate, base_port: int = 50051) -> DeploySpec:
         if m.preset
         else ModelSpec(path=str(_model_dir(m.name)), dtype=dtype)
     )
-    engine = EngineSpec(
+    engine = EngineConfig(
         max_num_seqs=plan.options.max_seqs,
         max_num_batched_tokens=plan.options.max_batched_tokens,
         gpu_memory_utilization=plan.options.utilization,

@@ -1,43 +1,56 @@
 """The replicas the router can send to: membership (registry), liveness (health of every stage), load.
 
-A monitor polls membership and every stage's gRPC health. When any stage of a replica stops
-answering, the replica is marked down at once and its in-flight calls are cancelled, so their
-clients get UNAVAILABLE within a poll interval (no waiting for a hung stream).
+A monitor polls membership and every stage's health. After MISSES_TO_DOWN consecutive failed polls
+the replica is marked down and its in-flight streams are cancelled, so their clients get
+UNAVAILABLE within a poll interval or two (no waiting for a hung stream). A replica is up again
+as soon as every stage answers SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 from dataclasses import dataclass, field
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typing import Protocol
 
 from trellis.core import log
-from trellis.registry import Registry, ReplicaLoad, ReplicaView
-from trellis.v1 import stage_pb2, stage_pb2_grpc
+from trellis.registry import ReplicaLoad, ReplicaView
+from trellis.routing.stage_client import StageClient, StageClientFactory, StageStats, StageStream
 
 POLL_S = 0.5
 HEALTH_DEADLINE_S = 1.0
 MISSES_TO_DOWN = 2  # consecutive failed polls before a replica is marked down
 
 
+class Membership(Protocol):
+    """The part of the registry the router reads."""
+
+    async def replicas(self) -> dict[str, ReplicaView]: ...
+
+    async def loads(self) -> dict[str, ReplicaLoad]: ...
+
+
 @dataclass(eq=False)
-class ReplicaState:
+class Replica:
+    """One replica as this router sees it (mutable: the monitor and the requests update it)."""
+
     view: ReplicaView
-    channels: list[grpc.aio.Channel]
-    stub: stage_pb2_grpc.StageWorkerStub  # the head's
+    stages: tuple[StageClient, ...]  # one per stage, the head (stage 0) first
     healthy: bool = False
     misses: int = 0
-    outstanding: int = 0
+    outstanding: int = 0  # this router's requests in flight here
     reported: ReplicaLoad | None = None
-    calls: dict[int, grpc.aio.Call] = field(default_factory=dict)
     down_reason: str = ""
+    streams: dict[int, StageStream] = field(default_factory=dict)  # in flight, cancelled if it goes down
+    _keys: itertools.count = field(default_factory=itertools.count)
 
     @property
     def name(self) -> str:
         return self.view.name
+
+    @property
+    def head(self) -> StageClient:
+        return self.stages[0]
 
     @property
     def load(self) -> int:
@@ -45,12 +58,31 @@ class ReplicaState:
         waiting = self.reported.waiting if self.reported else 0
         return self.outstanding + waiting
 
+    def track(self, stream: StageStream) -> int:
+        """Remember an in-flight stream (so going down cancels it); the key is for `untrack`."""
+        key = next(self._keys)
+        self.streams[key] = stream
+        return key
+
+    def untrack(self, key: int) -> None:
+        self.streams.pop(key, None)
+
 
 class ReplicaSet:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(
+        self,
+        registry: Membership,
+        connect: StageClientFactory,
+        *,
+        poll_s: float = POLL_S,
+        health_deadline_s: float = HEALTH_DEADLINE_S,
+    ) -> None:
         self.registry = registry
-        self.replicas: dict[str, ReplicaState] = {}
-        self._task: asyncio.Task | None = None
+        self.connect = connect
+        self.poll_s = poll_s
+        self.health_deadline_s = health_deadline_s
+        self.replicas: dict[str, Replica] = {}
+        self._task: asyncio.Task[None] | None = None
         self._log = log.get()
 
     async def start(self) -> None:
@@ -61,16 +93,15 @@ class ReplicaSet:
         if self._task:
             self._task.cancel()
         for r in self.replicas.values():
-            for ch in r.channels:
-                await ch.close()
+            for stage in r.stages:
+                await stage.close()
 
-    def pick(self) -> ReplicaState | None:
-        up = [r for r in self.replicas.values() if r.healthy]
-        return min(up, key=lambda r: (r.load, r.name)) if up else None
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.healthy]
 
     async def _monitor(self) -> None:
         while True:
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(self.poll_s)
             try:
                 await self.refresh()
             except Exception as e:  # a registry hiccup must not kill the router
@@ -81,21 +112,24 @@ class ReplicaSet:
         for name in list(self.replicas):
             if name not in views or views[name] != self.replicas[name].view:
                 self._mark_down(self.replicas[name], "left the registry")
-                for ch in self.replicas.pop(name).channels:
-                    await ch.close()
+                for stage in self.replicas.pop(name).stages:
+                    await stage.close()
         for name, view in views.items():
             if name not in self.replicas:
-                chans = [grpc.aio.insecure_channel(m.grpc_address) for m in view.stages]
-                self.replicas[name] = ReplicaState(view, chans, stage_pb2_grpc.StageWorkerStub(chans[0]))
+                clients = tuple(self.connect(m.grpc_address) for m in view.stages)
+                self.replicas[name] = Replica(view, clients)
                 self._log.info("replica discovered", replica=name, stages=len(view.stages))
-        with contextlib.suppress(Exception):
+        try:
             loads = await self.registry.loads()
+        except Exception as e:  # loads only refine the choice: a failure must not skip the health checks
+            self._log.warning("replica loads unavailable", error=str(e))
+        else:
             for name, r in self.replicas.items():
                 r.reported = loads.get(name, r.reported)
         await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
 
-    async def _check(self, r: ReplicaState) -> None:
-        results = await asyncio.gather(*(self._stage_ok(ch) for ch in r.channels))
+    async def _check(self, r: Replica) -> None:
+        results = await asyncio.gather(*(s.healthy(timeout_s=self.health_deadline_s) for s in r.stages))
         if all(results):
             if not r.healthy:
                 self._log.info("replica up", replica=r.name)
@@ -106,23 +140,13 @@ class ReplicaSet:
             bad = next(i for i, ok in enumerate(results) if not ok)
             self._mark_down(r, f"stage {bad} is not serving")
 
-    @staticmethod
-    async def _stage_ok(ch: grpc.aio.Channel) -> bool:
-        try:
-            resp = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE_S
-            )
-            return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            return False
-
-    def _mark_down(self, r: ReplicaState, reason: str) -> None:
+    def _mark_down(self, r: Replica, reason: str) -> None:
         if r.healthy:
             self._log.warning("replica down", replica=r.name, reason=reason)
         r.healthy = False
         r.down_reason = reason
-        for call in list(r.calls.values()):
-            call.cancel()
+        for stream in list(r.streams.values()):
+            stream.cancel()
 
-    async def stats(self, r: ReplicaState) -> stage_pb2.StageStats:
-        return await r.stub.Stats(stage_pb2.StatsRequest(), timeout=HEALTH_DEADLINE_S)
+    async def stats(self, r: Replica) -> StageStats:
+        return await r.head.stats(timeout_s=self.health_deadline_s)

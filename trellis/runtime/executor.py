@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,28 +16,18 @@ import torch
 
 from trellis.core import log
 from trellis.core.plan import StepPlan, StepResult
+from trellis.core.processes import spawn_module
 from trellis.runtime.handoff import HandoffError, column_slice
 from trellis.runtime.launch import StageLaunch
 from trellis.runtime.rank import RankContext, start_rank, stop_rank
 
 PEER_POLL_S = 0.5
-STOP_TIMEOUT_S = 30.0
 
 
 def spawn_peers(launch: StageLaunch) -> list[subprocess.Popen]:
     """Start ranks 1..tp-1 of this stage, one process each."""
     return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trellis.runtime.peer",
-                "--rank",
-                str(r),
-                "--launch",
-                launch.to_json(),
-            ]
-        )
+        spawn_module("trellis.runtime.peer", ["--rank", str(r), "--launch", launch.to_json()])
         for r in range(1, launch.tp)
     ]
 
@@ -127,9 +116,10 @@ class StageExecutor:
 
     async def stop(self) -> None:
         told = False  # whether the peers were told to stop (and so will exit on their own)
+        timeout = self.launch.engine.stop_timeout_s
         if self.ctx is not None and self.peers_alive():
             try:
-                await asyncio.wait_for(self._call(self._stop_sync), STOP_TIMEOUT_S)
+                await asyncio.wait_for(self._call(self._stop_sync), timeout)
                 told = True
             except Exception as e:  # a peer went away meanwhile; the peers are reaped below
                 log.get().warning("stage stop", error=str(e) or type(e).__name__)
@@ -137,7 +127,7 @@ class StageExecutor:
             log.get().warning("a TP peer is gone; the stage stops without telling the others")
         for p in self._peers:
             try:
-                p.wait(timeout=STOP_TIMEOUT_S if told else 1.0)
+                p.wait(timeout=timeout if told else 1.0)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

@@ -10,31 +10,18 @@ stage, the TP group all-gathers, and after the layers it sends its slice on to r
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
 from trellis.core import log
 from trellis.core.errors import ModelError
+from trellis.core.processes import exit_now
 from trellis.runtime.handoff import HandoffError, column_slice
 from trellis.runtime.launch import StageLaunch
 from trellis.runtime.peer_links import PeerLinks
-from trellis.runtime.rank import (
-    RankContext,
-    die_with_parent,
-    dump_stacks_if_hung,
-    start_rank,
-    stop_rank,
-)
-from trellis.runtime.stage_proc import LINK_TIMEOUT_S
+from trellis.runtime.rank import RankContext, dump_stacks_if_hung, start_rank, stop_rank
 from trellis.transport.ucx import LinkClosed
 from trellis.wire.plan_codec import decode_plan
-
-
-def exit_now(code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: an NCCL communicator left to exit must not block it
 
 
 def open_links(ctx: RankContext, rank: int) -> PeerLinks | None:
@@ -43,7 +30,7 @@ def open_links(ctx: RankContext, rank: int) -> PeerLinks | None:
         return None
     links = PeerLinks(ctx.launch, rank, ctx.device)
     try:
-        links.open(LINK_TIMEOUT_S)
+        links.open(ctx.launch.engine.link_timeout_s)
     except Exception as e:  # also ucxx's own errors (e.g. a taken port): the leader must hear of it
         why = str(e) or ("timed out" if isinstance(e, TimeoutError) else type(e).__name__)
         log.get().error("peer cannot link to its neighbouring stages", error=why)
@@ -71,8 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--launch", required=True)
-    args = ap.parse_args()
-    die_with_parent()
+    args = ap.parse_args()  # started by spawn_module: it dies with its leader
     # Ctrl-C in a terminal reaches the whole process group; a peer stops when its leader says so.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     launch = StageLaunch.from_json(args.launch)

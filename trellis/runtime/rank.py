@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from trellis.core import log
-from trellis.core.model_config import ModelConfig, load_model_config
+from trellis.core.layout import stage_num_blocks
+from trellis.core.model_config import ModelConfig, load_model_source
 from trellis.runtime.control import ControlChannel
 from trellis.runtime.launch import StageLaunch
 from trellis.runtime.model.parallel import TPGroup
@@ -32,21 +30,6 @@ class RankContext:
     dtype: torch.dtype
     runner: StageRunner
     control: ControlChannel
-
-
-def model_config(launch: StageLaunch) -> ModelConfig:
-    if launch.preset is not None:
-        from trellis.core.presets import model_config as preset_config
-
-        return load_model_config(preset_config(launch.preset))
-    return load_model_config(launch.model_path)
-
-
-def die_with_parent() -> None:
-    """A peer must not outlive its leader (e.g. after kill -9): ask Linux to SIGKILL us then."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def start_rank(launch: StageLaunch, rank: int) -> RankContext:
@@ -71,24 +54,25 @@ def start_rank(launch: StageLaunch, rank: int) -> RankContext:
         )
         data = dist.group.WORLD
         ctrl = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    cfg = model_config(launch)
+    cfg = load_model_source(launch.model_path, launch.preset)
     tp = TPGroup(rank, launch.tp) if launch.tp > 1 else TPGroup.single()
+    engine = launch.engine
     runner = StageRunner(
         cfg,
         layers=launch.layers,
         tp=tp,
         device=device,
         dtype=dtype,
-        block_size=launch.block_size,
-        num_blocks=launch.num_blocks,
+        block_size=engine.block_size,
+        num_blocks=stage_num_blocks(engine, cfg, device=launch.device, max_model_len=launch.max_model_len),
         model_path=launch.model_path,
         load_format=launch.load_format,
-        seed=launch.seed,
-        cuda_graphs=launch.cuda_graphs,
+        seed=engine.seed,
+        cuda_graphs=engine.cuda_graphs,  # the runner captures graphs on CUDA only
         max_model_len=launch.max_model_len,
-        max_graph_batch=launch.max_num_seqs,
-        gpu_memory_utilization=launch.gpu_memory_utilization,
-        one_shot_max_bytes=launch.one_shot_max_bytes,
+        max_num_seqs=engine.max_num_seqs,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        one_shot_max_bytes=engine.one_shot_max_bytes,
     )
     control = ControlChannel(tp=launch.tp, device=device, ctrl_group=ctrl, data_group=data)
     return RankContext(launch, rank, cfg, device, dtype, runner, control)

@@ -48,28 +48,27 @@ class StageRunner:
         device: torch.device,
         dtype: torch.dtype,
         block_size: int,
-        num_blocks: int,
+        num_blocks: int | None,  # None: as many as fit the GPU (gpu_memory_utilization)
         model_path: str | None,
         load_format: str = "auto",
         seed: int = 0,
         backend: AttentionBackend | None = None,
         cuda_graphs: bool = False,
         max_model_len: int | None = None,
-        max_graph_batch: int = 256,
+        max_num_seqs: int = 256,  # the largest decode batch, hence the largest CUDA graph
         gpu_memory_utilization: float = 0.85,
         one_shot_max_bytes: int = 0,
     ):
         check_parallel(cfg, tp.size, layers)
-        if block_size <= 0 or num_blocks < 0:
+        if block_size <= 0 or (num_blocks is not None and num_blocks <= 0):
             raise ModelError(
-                f"block_size must be positive and num_blocks >= 0 (0: fit memory), "
+                f"block_size and num_blocks must be positive (num_blocks None: fit the GPU), "
                 f"got {block_size} and {num_blocks}"
             )
         self.cfg = cfg
         self.tp = tp
         self.device = torch.device(device)
         self.block_size = block_size
-        self.num_blocks = num_blocks
         self.model = build_stage_model(
             cfg,
             layers=layers,
@@ -82,10 +81,14 @@ class StageRunner:
         )
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
         on_gpu = self.device.type == "cuda"
-        if num_blocks == 0:
-            num_blocks = self.num_blocks = self._blocks_that_fit(layers, dtype, gpu_memory_utilization)
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit(layers, dtype, gpu_memory_utilization)
+        self.num_blocks: int = num_blocks
         if on_gpu:
             self.model.use_fused_kernels()
+            # Before graph capture, so the graphs record the one-shot kernel for the sizes it takes.
+            if one_shot_max_bytes and not tp.enable_one_shot(self.device, one_shot_max_bytes):
+                logger.warning("one-shot all-reduce unavailable here; NCCL takes every all-reduce")
         self.kv_cache = KVCache(
             cfg,
             layers=layers,
@@ -114,7 +117,7 @@ class StageRunner:
                 device=self.device,
                 block_size=block_size,
                 scratch_block=num_blocks,
-                max_batch=max_graph_batch,
+                max_batch=max_num_seqs,
                 max_blocks_per_seq=-(-max_len // block_size),
             )
             self.graphs.capture()
@@ -132,7 +135,7 @@ class StageRunner:
         """KV blocks that fit in `utilization` of the GPU after the weights, less room for graphs
         and activations; the minimum over the TP group, so every rank agrees."""
         if self.device.type != "cuda":
-            raise ModelError("num_blocks 0 (fit the memory) needs a CUDA device; give num_blocks on CPU")
+            raise ModelError("num_blocks unset (fit the memory) needs a CUDA device; give num_blocks on CPU")
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         reserve = 2 << 30  # CUDA graphs' pool, logits, activations of the largest prefill chunk

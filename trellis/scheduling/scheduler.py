@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from trellis.core import log
 from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from trellis.core.request import RequestLimits, prompt_problem, sampling_problem
 from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import BlockManager, blocks_for
 from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
@@ -84,22 +85,15 @@ class Scheduler:
         prompt = tuple(prompt_ids)
         if seq_id in self._seqs:
             raise InvalidRequestError(f"seq {seq_id} is already scheduled")
-        if not prompt:
-            raise InvalidRequestError("prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < _TOKEN_ID_LIMIT for t in prompt):
-            bad = next(t for t in prompt if not isinstance(t, int) or not 0 <= t < _TOKEN_ID_LIMIT)
-            raise InvalidRequestError(f"prompt token id {bad!r} is not an integer in [0, 2^31)")
-        if problems := sampling.problems():
-            raise InvalidRequestError("sampling: " + "; ".join(problems))
-        if len(prompt) > cfg.max_model_len:
+        # The one validator's rules (trellis.core.request), with the limits the scheduler knows: a
+        # caller that skipped validation still cannot queue what could never be served.
+        limits = RequestLimits(vocab_size=_TOKEN_ID_LIMIT, max_model_len=cfg.max_model_len)
+        if any(not isinstance(t, int) for t in prompt):
             raise InvalidRequestError(
-                f"prompt of {len(prompt)} tokens exceeds max_model_len {cfg.max_model_len}"
+                f"prompt token id {next(t for t in prompt if not isinstance(t, int))!r} is not an integer"
             )
-        if len(prompt) == cfg.max_model_len:
-            raise InvalidRequestError(
-                f"prompt of {len(prompt)} tokens reaches max_model_len {cfg.max_model_len}, "
-                "leaving no room to generate"
-            )
+        if problem := prompt_problem(prompt, limits) or sampling_problem(sampling, _TOKEN_ID_LIMIT):
+            raise InvalidRequestError(problem)
         if len(prompt) > self._capacity_tokens:
             need = blocks_for(len(prompt), cfg.block_size)
             raise InvalidRequestError(
@@ -295,7 +289,7 @@ class Scheduler:
         never past a sequence's max_tokens or the context; blocks for every step allocated now.
         """
         cfg = self.config
-        if cfg.max_decode_burst == 1 or cfg.max_in_flight != 1 or self._waiting:
+        if cfg.decode_burst == 1 or cfg.max_in_flight != 1 or self._waiting:
             return 1
         seqs = [self._seqs[st.seq_id] for st in batch.steps]
         if any(len(st.token_ids) != 1 or not st.sample for st in batch.steps):
@@ -303,7 +297,7 @@ class Scheduler:
         if any(not s.sampling.greedy or s.sampling.stop_token_ids for s in seqs):
             return 1
         burst = min(
-            [cfg.max_decode_burst]
+            [cfg.decode_burst]
             + [s.sampling.max_tokens - len(s.output_ids) for s in seqs]
             + [cfg.max_model_len - s.num_tokens for s in seqs]
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from trellis.core.engine_config import EngineConfig
 
 
 class SchedulerConfigError(ValueError):
@@ -29,7 +32,7 @@ class SchedulerConfig:
     max_in_flight: int = 1  # outstanding micro-batches: the number of pipeline stages
     # Greedy decode bursts: with one stage and nobody waiting, a step of pure greedy decodes may
     # run up to this many tokens per sequence on the device before the host looks again.
-    max_decode_burst: int = 1
+    decode_burst: int = 1
     admission_watermark: float = 0.01  # share of blocks kept free when admitting beside running seqs
     cache_key: str | None = None  # mixed into block names (e.g. the model id)
 
@@ -43,7 +46,7 @@ class SchedulerConfig:
                 ("max_num_batched_tokens", 1),
                 ("max_model_len", 2),
                 ("max_in_flight", 1),
-                ("max_decode_burst", 1),
+                ("decode_burst", 1),
             )
             if getattr(self, name) < low
         ]
@@ -51,3 +54,26 @@ class SchedulerConfig:
             problems.append(f"admission_watermark must be in [0, 1), got {self.admission_watermark}")
         if problems:
             raise SchedulerConfigError("scheduler config: " + "; ".join(problems))
+
+
+def scheduler_config(
+    engine: EngineConfig,
+    *,
+    num_blocks: int,
+    max_model_len: int,
+    eos_token_ids: Sequence[int],
+    num_stages: int,
+) -> SchedulerConfig:
+    """The head's scheduler settings: the engine's knobs under the same names, plus what the ring
+    agreed on (num_blocks: its stages' minimum) and what the model says."""
+    return SchedulerConfig(
+        num_blocks=num_blocks,
+        block_size=engine.block_size,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        eos_token_ids=tuple(eos_token_ids),
+        enable_prefix_caching=engine.enable_prefix_caching,
+        max_in_flight=engine.in_flight(num_stages),
+        decode_burst=engine.decode_burst,
+    )

@@ -104,6 +104,16 @@ def load_weights(model: LlamaStageModel, path: str | Path) -> LoadReport:
     return report
 
 
+def check_weight_files(path: str | Path) -> None:
+    """Open every safetensors file of a checkpoint (headers only), raising ModelError for a missing,
+    truncated or corrupt one: checked before any process loads, it is one line, not a crash in a
+    child after the others loaded."""
+    directory = Path(path)
+    for file in sorted(set(_weight_map(directory).values())):
+        with _open(directory / file):
+            pass
+
+
 def init_dummy_weights(model: nn.Module, *, seed: int, rank: int = 0, std: float = DUMMY_STD) -> None:
     """Random weights made in place on the parameters' device: norms 1, the rest N(0, std).
 

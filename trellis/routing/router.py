@@ -1,0 +1,236 @@
+"""The router: one request in, a stream of text deltas out, whatever the front end (gRPC, HTTP).
+
+`Router.generate` validates (trellis.core.request, plus the router-only checks), tokenizes off the
+event loop, admits (Overloaded past max_queue), picks a replica (the policy), streams the head's
+tokens back detokenized, and maps how it ended. Invariants:
+- every failure is an error of the tree (InvalidRequest, Overloaded, Unavailable, DeadlineExceeded);
+  a replica that fails or goes down mid-stream is Unavailable, naming the replica;
+- an upstream request never outlives its client: if the reader goes away, or a stop string ends the
+  text here before the head finishes, the upstream stream is cancelled (which frees its blocks);
+- the deltas' texts add up to the decode of the tokens, cut before the first stop string; the last
+  delta has the finish reason ("stop", "length", "abort") and the usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from trellis.core import log
+from trellis.core.errors import InvalidRequest, Overloaded, Unavailable
+from trellis.core.request import RequestLimits, check_request, stop_problem
+from trellis.core.sampling import SamplingParams
+from trellis.core.telemetry import outgoing_metadata, span_attributes, tracer
+from trellis.core.tokenizer import encode
+from trellis.routing.detokenizer import IncrementalDetokenizer
+from trellis.routing.info import ReplicaInfo, RouterInfo, StageInfo
+from trellis.routing.policy import ReplicaPolicy, least_load
+from trellis.routing.replicas import Replica, ReplicaSet
+from trellis.routing.stage_client import StageRequest, StageStream
+from trellis.routing.validation import Prompt, check_router_request
+
+DEFAULT_TIMEOUT_S = 600.0  # a request without a deadline still gets one upstream
+# What the head's finish reasons mean to a client.
+FINISH = {"stop": "stop", "length": "length", "too_long": "length", "abort": "abort"}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One step of a response: new tokens and their text (never a partial UTF-8 character)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str = ""  # on the last delta only
+    usage: Usage | None = None  # on the last delta only
+    replica: str = ""  # on the first delta only: which replica serves it
+    prompt_ids: tuple[int, ...] = ()  # on the first delta only: the prompt as tokenized
+
+
+class Router:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        limits: RequestLimits,
+        tokenizer: Tokenizer | None,
+        *,
+        model_name: str,
+        max_queue: int,
+        policy: ReplicaPolicy = least_load,
+    ) -> None:
+        self.replicas = replicas
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self.policy = policy
+        self.outstanding = 0
+        self._tracer = tracer("trellis.router")
+
+    async def generate(
+        self,
+        prompt: Prompt | None,
+        sampling: SamplingParams = SamplingParams(),  # noqa: B008 (frozen, so one shared default is safe)
+        *,
+        max_tokens_given: bool = True,
+        stop: Sequence[str] = (),
+        request_id: str = "",
+        deadline_s: float | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Serve one request. With max_tokens_given=False, sampling.max_tokens is ignored and the
+        default applies; deadline_s is how long the request may still take (None: DEFAULT_TIMEOUT_S)."""
+        request_id = request_id or uuid.uuid4().hex
+        logger = log.get(request_id=request_id)
+        try:
+            prompt_ids, sampling = await self._checked(prompt, sampling, max_tokens_given, stop, request_id)
+        except InvalidRequest as e:
+            logger.info("request rejected", reason=str(e))
+            raise
+        replica = self._admit(prompt_ids)
+        self.outstanding += 1
+        replica.outstanding += 1
+        span = self._tracer.start_span(
+            "router.generate",
+            attributes=span_attributes(
+                request_id=request_id,
+                replica=replica.name,
+                prompt_tokens=len(prompt_ids),
+                max_tokens=sampling.max_tokens,
+            ),
+        )
+        upstream = StageRequest(request_id, prompt_ids, sampling, tuple(outgoing_metadata(span)))
+        stream = replica.head.submit(
+            upstream, timeout_s=DEFAULT_TIMEOUT_S if deadline_s is None else deadline_s
+        )
+        key = replica.track(stream)
+        try:
+            async with contextlib.aclosing(self._relay(replica, stream, upstream, stop)) as deltas:
+                async for delta in deltas:
+                    if delta.finish_reason and delta.usage is not None:
+                        span.set_attributes(
+                            span_attributes(
+                                finish_reason=delta.finish_reason,
+                                completion_tokens=delta.usage.completion_tokens,
+                            )
+                        )
+                    yield delta
+        except Unavailable as e:
+            logger.warning("upstream failed", replica=replica.name, error=str(e))
+            raise
+        finally:
+            # A no-op when the head finished; otherwise (reader gone, stop string, failure) it
+            # ends the request upstream and frees its blocks.
+            stream.cancel()
+            replica.untrack(key)
+            span.end()
+            self.outstanding -= 1
+            replica.outstanding -= 1
+
+    async def _checked(
+        self,
+        prompt: Prompt | None,
+        sampling: SamplingParams,
+        max_tokens_given: bool,
+        stop: Sequence[str],
+        request_id: str,
+    ) -> tuple[tuple[int, ...], SamplingParams]:
+        """The prompt's token ids and the sampling to run with; raises InvalidRequest."""
+        check_router_request(request_id, prompt, stop, has_tokenizer=self.tokenizer is not None)
+        problem = stop_problem(stop)
+        if problem:
+            raise InvalidRequest(problem)
+        if isinstance(prompt, str):
+            assert self.tokenizer is not None  # check_router_request refuses text without one
+            loop = asyncio.get_running_loop()  # a long prompt must not stall the other streams
+            ids = tuple(await loop.run_in_executor(None, encode, self.tokenizer, prompt))
+            if not ids:
+                raise InvalidRequest("the prompt text encodes to no tokens")
+        else:
+            ids = tuple(prompt or ())
+        return ids, check_request(ids, sampling, self.limits, max_tokens_given=max_tokens_given)
+
+    def _admit(self, prompt_ids: Sequence[int]) -> Replica:
+        if self.outstanding >= self.max_queue:
+            raise Overloaded(
+                f"the router is at its limit of {self.max_queue} requests in flight; retry later"
+            )
+        up = self.replicas.healthy()
+        if not up:
+            raise Unavailable("no replica is serving")
+        return self.policy(up, prompt_ids)
+
+    async def _relay(
+        self, replica: Replica, stream: StageStream, upstream: StageRequest, stop: Sequence[str]
+    ) -> AsyncIterator[Delta]:
+        """The head's chunks as deltas, cut at a stop string; ends at the first finish reason."""
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, upstream.prompt_ids, stop)
+            if self.tokenizer is not None
+            else None
+        )
+        completion, first = 0, True
+        try:
+            async for chunk in stream:
+                completion += len(chunk.token_ids)
+                text = detok.add(chunk.token_ids) if detok else ""
+                finish = FINISH.get(chunk.finish_reason, chunk.finish_reason)
+                if finish and detok is not None and not detok.stopped:
+                    text += detok.flush()
+                if detok is not None and detok.stopped:
+                    finish = "stop"  # a stop string ended the text here
+                yield Delta(
+                    request_id=upstream.request_id,
+                    token_ids=chunk.token_ids,
+                    text=text,
+                    finish_reason=finish,
+                    usage=Usage(len(upstream.prompt_ids), completion) if finish else None,
+                    replica=replica.name if first else "",
+                    prompt_ids=upstream.prompt_ids if first else (),
+                )
+                first = False
+                if finish:
+                    return
+        except Unavailable as e:
+            message = str(e)
+            if f"replica {replica.name}" not in message:
+                message = f"replica {replica.name} failed: {message}"
+            raise Unavailable(message) from None
+        # The stream ended without a finish: the monitor cancelled it (the replica went down), or
+        # the head dropped it.
+        raise Unavailable(
+            f"replica {replica.name} went down: {replica.down_reason or 'its stream ended early'}"
+        )
+
+    def info(self) -> RouterInfo:
+        return RouterInfo(
+            model=self.model_name,
+            vocab_size=self.limits.vocab_size,
+            max_model_len=self.limits.max_model_len,
+            replicas=tuple(_replica_info(r) for r in self.replicas.replicas.values()),
+        )
+
+
+def _replica_info(r: Replica) -> ReplicaInfo:
+    stages = tuple(
+        StageInfo(
+            index=m.stage,
+            layer_start=m.layers[0],
+            layer_end=m.layers[1],
+            tp=m.tp,
+            address=m.grpc_address,
+            alive=r.healthy,
+        )
+        for m in r.view.stages
+    )
+    return ReplicaInfo(name=r.name, role=r.view.role, outstanding=r.outstanding, stages=stages)

@@ -1,0 +1,55 @@
+"""What the router needs of one stage of a replica: submit to the head, ask health and stats, close.
+
+The router's logic is written against these protocols only, so it runs over gRPC in a mesh
+(trellis/wire/stage_client.py) and over an in-process fake in unit tests. The contract:
+
+- `submit` starts a request on the head and returns its stream of chunks at once; the last chunk
+  carries the head's finish reason ("stop", "length", "too_long", "abort"). Failures surface from
+  iterating the stream as the error tree: InvalidRequest, Overloaded, DeadlineExceeded, or
+  Unavailable for anything wrong with the replica.
+- `StageStream.cancel()` ends the request upstream and frees its KV blocks there; it may be called
+  at any time, from any task, and more than once (once the stream has ended it does nothing).
+  A stream cancelled this way just ends (no error) for whoever iterates it, so the one who
+  cancelled decides what the reader is told.
+- Every call takes a deadline in seconds (no call waits forever).
+
+The plain data (StageRequest, StageChunk, StageStats) lives in trellis.core.stage_api, a floor
+below, so the wire's gRPC client can build it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from trellis.core.stage_api import StageChunk, StageRequest, StageStats
+
+__all__ = ["StageChunk", "StageClient", "StageClientFactory", "StageRequest", "StageStats", "StageStream"]
+
+
+class StageStream(Protocol):
+    """One request's chunks, in order; see the module docstring for cancel()."""
+
+    def __aiter__(self) -> AsyncIterator[StageChunk]: ...
+
+    def cancel(self) -> None: ...
+
+
+class StageClient(Protocol):
+    """One stage's control API (only the head, stage 0, takes `submit`)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def submit(self, request: StageRequest, *, timeout_s: float) -> StageStream: ...
+
+    async def healthy(self, *, timeout_s: float) -> bool:
+        """Whether the stage answers health SERVING within the deadline (never raises)."""
+        ...
+
+    async def stats(self, *, timeout_s: float) -> StageStats: ...
+
+    async def close(self) -> None: ...
+
+
+StageClientFactory = Callable[[str], StageClient]  # a stage's address (host:port) -> its client

@@ -1,0 +1,112 @@
+"""The router's StageClient protocol (trellis/routing/stage_client.py) over gRPC: a stage's control API.
+
+Every call has a deadline; the caller's trace context travels as metadata. What the stage answers
+becomes the error tree: INVALID_ARGUMENT -> InvalidRequest, RESOURCE_EXHAUSTED -> Overloaded,
+DEADLINE_EXCEEDED -> DeadlineExceeded, anything else -> Unavailable naming the stage's address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from trellis.core.errors import DeadlineExceeded, InvalidRequest, Overloaded, TrellisError, Unavailable
+from trellis.core.stage_api import StageChunk, StageRequest, StageStats
+from trellis.v1 import stage_pb2, stage_pb2_grpc
+from trellis.wire.plan_codec import sampling_to_pb
+
+
+def upstream_error(e: grpc.aio.AioRpcError, address: str) -> TrellisError:
+    """A stage's failed call as an error of the tree, in one line."""
+    code = e.code()
+    detail = (e.details() or code.name.lower()).strip().splitlines()[0]
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(detail)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(detail)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(detail)
+    return Unavailable(f"{detail} (from the stage at {address})")
+
+
+class GrpcStageStream:
+    """One Submit call's responses as StageChunks; cancel() ends the call (the head frees the blocks)."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, address: str) -> None:
+        self._call = call
+        self._address = address
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()  # does nothing once the call is over
+
+    async def __aiter__(self) -> AsyncIterator[StageChunk]:
+        try:
+            async for resp in self._call:
+                yield StageChunk(tuple(resp.token_ids), resp.finish_reason)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._cancelled and not (task is not None and task.cancelling()):
+                return  # cancel() from another task (the replica went down): the stream just ends
+            raise  # our own task is being cancelled (the client went away)
+        except grpc.aio.AioRpcError as e:
+            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise upstream_error(e, self._address) from None
+
+
+class GrpcStageClient:
+    """A stage's StageWorker and health services over one channel."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = stage_pb2_grpc.StageWorkerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def submit(self, request: StageRequest, *, timeout_s: float) -> GrpcStageStream:
+        message = stage_pb2.SubmitRequest(
+            request_id=request.request_id,
+            prompt_ids=request.prompt_ids,
+            sampling=sampling_to_pb(request.sampling),
+        )
+        call = self._stub.Submit(message, timeout=timeout_s, metadata=list(request.trace_context))
+        return GrpcStageStream(call, self._address)
+
+    async def healthy(self, *, timeout_s: float) -> bool:
+        try:
+            resp = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def stats(self, *, timeout_s: float) -> StageStats:
+        try:
+            s = await self._stub.Stats(stage_pb2.StatsRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise upstream_error(e, self._address) from None
+        return StageStats(
+            replica=s.replica,
+            stage=s.stage,
+            num_blocks=s.num_blocks,
+            free_blocks=s.free_blocks,
+            running=s.running,
+            waiting=s.waiting,
+            in_flight_steps=s.in_flight_steps,
+            steps=s.steps,
+            generated_tokens=s.generated_tokens,
+            draining=s.draining,
+            ready=s.ready,
+            stage_busy_s=tuple(s.stage_busy_s),
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
