@@ -1,4 +1,5 @@
-"""Shared pieces of the GPU benchmarks: the card, its measured copy bandwidth, result records."""
+"""Shared pieces of the GPU benchmarks: the card, its measured ceilings (copy bandwidth, bf16
+matmul rate), the yardsticks built on them (decode bytes, prefill FLOPs), result records."""
 
 from __future__ import annotations
 
@@ -46,6 +47,46 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> float:
     del a, b
     torch.cuda.empty_cache()
     return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def matmul_rate(n: int = 8192, reps: int = 9) -> float:
+    """bf16 FLOP/s of one big torch.matmul (n x n times n x n = 2 n^3 FLOPs), the median of ``reps``
+    timed with CUDA events after a warm-up; random inputs (zeros run faster than real data)."""
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    torch.matmul(a, b)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times)
+
+
+def decode_step_bytes(shape: Any, batch: int, mean_context: float) -> dict[str, float]:
+    """Bytes one decode step of ``batch`` sequences reads: every weight but the embedding table,
+    of which each sequence reads one row (a tied table is read whole, as the LM head), plus each
+    sequence's K/V at its mean context. ``incl_embedding`` is the older yardstick (whole table)."""
+    weights = shape.weight_bytes("bf16")
+    table = 0 if shape.tied_embeddings else shape.embedding_params() * 2
+    kv = batch * mean_context * shape.kv_bytes_per_token(2)
+    read = weights - table + batch * shape.hidden * 2 + kv
+    return {"step_bytes": read, "kv_bytes": kv, "incl_embedding": weights + kv}
+
+
+def prefill_flops(shape: Any, prompt_lens: list[int]) -> dict[str, float]:
+    """FLOPs of prefilling fresh prompts: the layers' matmuls, 2 x linear params x tokens (the
+    embedding is a lookup; the LM head runs on each prompt's last row only), plus causal attention,
+    per layer and prompt of n tokens 2 (QK^T, PV) x 2 x n (n + 1) / 2 x q_heads x head_dim."""
+    tokens = sum(prompt_lens)
+    lm_head = shape.vocab * shape.hidden
+    matmul = 2 * (shape.layers * shape.layer_linear_params() * tokens + lm_head * len(prompt_lens))
+    attention = shape.layers * sum(2 * n * (n + 1) * shape.heads * shape.head_dim for n in prompt_lens)
+    return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
 
 
 def gpu_preset(name: str) -> str:

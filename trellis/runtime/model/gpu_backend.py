@@ -1,19 +1,19 @@
-"""The GPU attention backend: KV stores and decode in Triton kernels, prefill in flash attention.
+"""The GPU attention backend: KV stores and decode in Triton kernels, prefill on fused SDPA kernels.
 
 forward_rotary rotates q and k in the same kernel as the KV store. Decode rows (one query
 token) go through the paged decode kernel, which reads context lengths and block tables on the
-device, so a decode step can be captured in a CUDA graph. Prefill chunks run PyTorch SDPA per
-sequence: the flash kernel directly on the chunk's own K/V when the sequence has no earlier
-context, else over its keys gathered from the paged cache with a causal offset mask.
+device, so a decode step can be captured in a CUDA graph. Prefill chunks run fused SDPA per
+sequence (prefill_attention.py): causal on the chunk's own K/V when the sequence has no earlier
+context, else over its keys gathered from the paged cache, causal aligned to the bottom right.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from trellis.runtime.kernels import paged_decode_attention, rotary_store_kv
-from trellis.runtime.model.attention_metadata import AttentionMetadata, attend_paged, key_slots
+from trellis.runtime.model.attention_metadata import AttentionMetadata, key_slots
+from trellis.runtime.model.prefill_attention import attend_fresh, attend_with_context, within_window
 
 
 class GpuAttentionBackend:
@@ -83,6 +83,8 @@ class GpuAttentionBackend:
                 scale=scale,
                 sliding_window=sliding_window,
             )
+        if self._prefill_only(q.shape[0], sliding_window):  # its output is the step's: no copy
+            return attend_fresh(q, k, v, scale=scale)
         out = torch.empty_like(q)
         if self._decode_rows.numel():
             seqs = self._decode_seqs
@@ -97,17 +99,19 @@ class GpuAttentionBackend:
             )
         flat_k, flat_v = (c.view(-1, *c.shape[2:]) for c in kv_cache)  # [slots, kv_heads, head_dim]
         for i, row, n, start in self._prefill:
-            if start == 0 and sliding_window is None:  # no earlier context: flash on the chunk itself
-                o = F.scaled_dot_product_attention(
-                    *(t[row : row + n].transpose(0, 1) for t in (q, k, v)),
-                    is_causal=True,
-                    scale=scale,
-                    enable_gqa=True,
-                )
-                out[row : row + n] = o.transpose(0, 1)
+            rows = slice(row, row + n)
+            if start == 0 and within_window(n, sliding_window):  # no earlier context: the chunk itself
+                out[rows] = attend_fresh(q[rows], k[rows], v[rows], scale=scale)
             else:
                 slots = key_slots(meta, i, start + n)
-                out[row : row + n] = attend_paged(
-                    q[row : row + n], flat_k, flat_v, slots, start, scale=scale, sliding_window=sliding_window
+                out[rows] = attend_with_context(
+                    q[rows], flat_k, flat_v, slots, start, scale=scale, sliding_window=sliding_window
                 )
         return out
+
+    def _prefill_only(self, tokens: int, sliding_window: int | None) -> bool:
+        """The step's rows are one fresh prompt within the window, so attend_fresh covers them all."""
+        if len(self._prefill) != 1:
+            return False
+        _, _, n, start = self._prefill[0]
+        return n == tokens and start == 0 and within_window(n, sliding_window)
