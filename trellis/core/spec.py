@@ -33,6 +33,14 @@ class ModelSpec:
     dtype: str = "bfloat16"
     max_model_len: int | None = None  # default: the config's max_position_embeddings
     tokenizer: str | None = None  # default: path
+    served_model_name: str | None = None  # the name clients use; default: the directory's or preset's
+
+    @property
+    def name(self) -> str:
+        """The model's name in the APIs: served_model_name, else the directory's name, else the preset."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.path).name if self.path else str(self.preset)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class StageSpec:
     # (from rank r of the previous stage): the stage takes ports ucx_port .. ucx_port + tp - 1.
     ucx_port: int = 0
     dist_port: int = 0  # torch.distributed rendezvous of the stage's TP group
+    metrics_port: int = 0  # Prometheus /metrics of the stage leader (0: none)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ class RouterSpec:
     host: str = "127.0.0.1"
     port: int = 50051
     max_queue: int = 256  # requests admitted at once; past it, RESOURCE_EXHAUSTED
+    http_port: int = 0  # the OpenAI-compatible HTTP API (0: none)
+    metrics_port: int = 0  # Prometheus /metrics (0: none)
+    # The clients' bearer token is read from this environment variable (never from the spec, which
+    # travels in ConfigMaps and logs); unset or empty: no authentication.
+    api_key_env: str = "TRELLIS_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -244,6 +258,7 @@ def _stage(where: str, raw: Any) -> StageSpec:
             "port": _port,
             "ucx_port": _port,
             "dist_port": _port,
+            "metrics_port": _port,
         },
         required={"layers"},
     )
@@ -284,6 +299,7 @@ def parse(raw: Any) -> DeploySpec:
             "dtype": _str(DTYPES),
             "max_model_len": _opt(_int(1)),
             "tokenizer": _opt(_str()),
+            "served_model_name": _opt(_str()),
         },
     )
     if (model.path is None) == (model.preset is None):
@@ -299,7 +315,17 @@ def parse(raw: Any) -> DeploySpec:
         if n in names[:i]:
             raise SpecError(f"replicas[{i}].name: duplicate replica name {n!r}")
     router = _dataclass_from(
-        RouterSpec, "router", top.get("router"), {"host": _str(), "port": _port, "max_queue": _int(1)}
+        RouterSpec,
+        "router",
+        top.get("router"),
+        {
+            "host": _str(),
+            "port": _port,
+            "max_queue": _int(1),
+            "http_port": _port,
+            "metrics_port": _port,
+            "api_key_env": _str(),
+        },
     )
     try:  # the knobs, their types and ranges are EngineConfig's own: listed once, there
         engine = EngineConfig.from_dict(top.get("engine"))
@@ -343,6 +369,8 @@ def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
         seen[(host, port)] = where
 
     claim(router.host, router.port, "router.port")
+    claim(router.host, router.http_port, "router.http_port")
+    claim(router.host, router.metrics_port, "router.metrics_port")
     for i, rep in enumerate(replicas):
         for j, st in enumerate(rep.stages):
             w = f"replicas[{i}].stages[{j}]"
@@ -354,6 +382,7 @@ def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
             for r in range(1, n):
                 claim(st.host, st.ucx_port + r, f"{w}.ucx_port (+{r}: TP rank {r}'s UCX port)")
             claim(st.host, st.dist_port, f"{w}.dist_port")
+            claim(st.host, st.metrics_port, f"{w}.metrics_port")
 
 
 def load(path: str | Path) -> DeploySpec:
