@@ -104,6 +104,7 @@ class Head:
         self.outbound = outbound
         self.inbound = inbound
         self.return_logits = return_logits
+        self._plan_travels = num_stages > 1 or executor.launch.tp > 1
         self._streams: dict[int, RequestStream] = {}
         self._next_seq = 0
         self._events: asyncio.Queue[StepResult | Exception | None] = asyncio.Queue()
@@ -187,7 +188,9 @@ class Head:
             ran = True
             if self.return_logits:
                 plan = dataclasses.replace(plan, return_logits=True)
-            plan_bytes = encode_plan(plan)  # once: the TP peers and every later stage get these bytes
+            # Encoded once, and only where the plan leaves this rank: the TP peers and every later
+            # stage get these bytes (a lone rank never pays for the encoding).
+            plan_bytes = encode_plan(plan) if self._plan_travels else b""
             out = await self.executor.run(plan, plan_bytes, None)
             self.steps += 1
             if self.num_stages == 1:
