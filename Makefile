@@ -25,6 +25,7 @@ run: setup proto
 
 test: setup proto
 	scripts/ensure-redis.sh
+	scripts/ensure-tools.sh
 	$(PY) -m pytest -q -ra tests
 
 test-unit: setup proto

@@ -14,12 +14,14 @@ from tokenizers import Tokenizer
 
 from services.router.servicer import RouterServicer
 from trellis.core import log
-from trellis.core.errors import ModelError
+from trellis.core.errors import ConfigError
 from trellis.core.model_config import ModelConfig, load_model_source
 from trellis.core.request import RequestLimits
 from trellis.core.spec import DeploySpec, SpecError, load
 from trellis.core.telemetry import setup_tracing
 from trellis.core.tokenizer import TokenizerMissing, load_tokenizer
+from trellis.metrics.http_server import start_metrics_server
+from trellis.metrics.router_metrics import RouterMetrics
 from trellis.registry import open_registry
 from trellis.routing.replicas import ReplicaSet
 from trellis.routing.router import Router
@@ -31,31 +33,44 @@ STOP_GRACE_S = 5.0  # in-flight streams get this long to finish when the router 
 
 
 def _model(spec: DeploySpec) -> tuple[ModelConfig, Tokenizer | None, str]:
-    """The model's config, its tokenizer (None for a preset or a checkpoint without one), its name."""
+    """The model's config, its tokenizer (None for a preset or a checkpoint without one), the name
+    clients know it by (spec.model.name: served_model_name, else the directory's name)."""
     cfg = load_model_source(spec.model.path, spec.model.preset)
     if spec.model.preset is not None:
-        return cfg, None, spec.model.preset
+        return cfg, None, spec.model.name
     try:
         tok = load_tokenizer(spec.model.tokenizer or spec.model.path)
     except TokenizerMissing:
         tok = None
-    return cfg, tok, spec.model.path
+    return cfg, tok, spec.model.name
 
 
 async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> int:
     logger = log.get()
     cfg, tok, name = _model(spec)
+    metrics = RouterMetrics(spec.model.name)  # on a registry of its own, served on router.metrics_port
+    metrics_server = await start_metrics_server(
+        host, spec.router.metrics_port, metrics.registry, where="router.metrics_port"
+    )
     limits = RequestLimits(
         vocab_size=cfg.vocab_size, max_model_len=spec.model.max_model_len or cfg.max_position_embeddings
     )
     registry = open_registry(registry_url, spec)
     replicas = ReplicaSet(registry, GrpcStageClient)
     await replicas.start()
-    router = Router(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue)
+    router = Router(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue, metrics=metrics)
     server = build_server(
-        host, port, lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(router), s)
+        host,
+        port,
+        lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(router), s),
+        field="router.port",
     )
     await server.start()
+    http = None
+    if spec.router.http_port:  # FastAPI is imported only where the HTTP API is on
+        from services.router.http_api import start_http_api
+
+        http = await start_http_api(spec, router, host, STOP_GRACE_S)  # before SERVING: ready means both
     await server.set_serving(True)
     logger.info("router serving", address=f"{host}:{server.port}", registry=registry_url.split("@")[-1])
     stop = asyncio.Event()
@@ -63,9 +78,11 @@ async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> in
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("router stopping")
-    await server.stop(grace=STOP_GRACE_S)
+    await asyncio.gather(server.stop(grace=STOP_GRACE_S), http.stop() if http else asyncio.sleep(0))
     await replicas.close()
     await registry.close()
+    if metrics_server is not None:
+        await metrics_server.close()
     return 0
 
 
@@ -83,7 +100,11 @@ def main() -> int:
         print(f"router: error: {e}", file=sys.stderr)
         return 2
     log.configure("router")
-    setup_tracing("trellis-router")
+    try:
+        setup_tracing("trellis-router")
+    except ConfigError as e:  # TRELLIS_TRACE names no exporter, or the OTLP one is not installed
+        print(f"router: error: {e}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(
             serve(
@@ -93,7 +114,7 @@ def main() -> int:
                 spec.router.port if args.port is None else args.port,
             )
         )
-    except ModelError as e:
+    except ConfigError as e:  # a model that cannot be served, a port that cannot be bound
         print(f"router: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ from trellis.core.sampling import DEFAULT_MAX_TOKENS
 from trellis.routing.router import Delta, Router
 from trellis.routing.validation import Prompt
 from trellis.v1 import router_pb2, router_pb2_grpc
-from trellis.wire.plan_codec import sampling_from_pb
+from trellis.wire.plan_codec import logprob_to_pb, sampling_from_pb
 
 
 def _prompt(request: router_pb2.GenerateRequest) -> Prompt | None:
@@ -35,6 +35,7 @@ def _response(delta: Delta) -> router_pb2.GenerateResponse:
         finish_reason=delta.finish_reason,
         replica=delta.replica,
         prompt_token_ids=delta.prompt_ids,
+        logprobs=[logprob_to_pb(lp) for lp in delta.logprobs],
     )
     if delta.usage is not None:
         out.usage.prompt_tokens = delta.usage.prompt_tokens

@@ -14,13 +14,15 @@ import sys
 from typing import TYPE_CHECKING
 
 from trellis.core import log
+from trellis.core.errors import ConfigError
 from trellis.core.processes import exit_now
 from trellis.core.spec import DeploySpec, SpecError, load
-from trellis.core.telemetry import setup_tracing
+from trellis.core.telemetry import flush_tracing, setup_tracing
 from trellis.transport import ucx
 
 if TYPE_CHECKING:  # imported when needed: a bad spec is refused before torch loads
     from services.stage_worker.service import StageService
+    from trellis.metrics.http_server import MetricsServer
 
 
 def main() -> int:
@@ -48,8 +50,17 @@ def main() -> int:
         )
         print(f"stage_worker: error: {msg}", file=sys.stderr)
         return 2
+    from trellis.runtime.bootstrap import cuda_problem  # torch, now that the spec is known good
+
+    if problem := cuda_problem(spec, only=(idx, args.stage)):
+        print(f"stage_worker: error: {problem}", file=sys.stderr)
+        return 2
     log.configure("stage_worker", replica=names[idx], stage=args.stage, rank=0)
-    setup_tracing(f"trellis-stage-{names[idx]}-{args.stage}")
+    try:
+        setup_tracing(f"trellis-stage-{names[idx]}-{args.stage}")
+    except ConfigError as e:  # TRELLIS_TRACE names no exporter, or the OTLP one is not installed
+        print(f"stage_worker: error: {e}", file=sys.stderr)
+        return 2
     from services.stage_worker.service import StageService
 
     try:
@@ -59,8 +70,15 @@ def main() -> int:
         return 2
     try:
         code = asyncio.run(serve(service, spec, idx, args.stage))
+    except ConfigError as e:  # e.g. the metrics port is taken
+        print(f"stage_worker: error: {e}", file=sys.stderr)
+        code = 2
+    except ucx.LinkClosed as e:  # the successor never came up within engine.link_timeout_s
+        print(f"stage_worker: error: {e}", file=sys.stderr)
+        code = 1
     finally:
         ucx.shutdown()  # its notifier thread is no daemon: the process would never exit
+    flush_tracing()  # exit_now skips the exit hooks that would send the spans still batched
     # Everything is closed and logged by now. After a TP peer died, the compute thread may still
     # sit in an NCCL collective until NCCL's own timeout (minutes): it must not hold the exit.
     exit_now(code)
@@ -77,8 +95,35 @@ async def serve(service: StageService, spec: DeploySpec, replica: int, stage: in
         st.host,
         st.port,
         lambda s: stage_pb2_grpc.add_StageWorkerServicer_to_server(StageWorkerServicer(service), s),
+        field=f"replicas[{replica}].stages[{stage}].port",
     )
-    return await service.run(server)
+    metrics = await start_metrics(service, spec, replica, stage)  # first: a taken port stops us here
+    try:
+        return await service.run(server)
+    finally:
+        if metrics is not None:
+            await metrics.close()
+
+
+async def start_metrics(
+    service: StageService, spec: DeploySpec, replica: int, stage: int
+) -> MetricsServer | None:
+    """The leader's /metrics on its stages[].metrics_port (None when 0), read from its stats when
+    scraped; ConfigError if the port is taken."""
+    from prometheus_client import CollectorRegistry
+
+    from trellis.metrics.http_server import start_metrics_server
+    from trellis.metrics.stage_collector import StageCollector
+
+    st = spec.replicas[replica].stages[stage]
+    registry = CollectorRegistry()
+    registry.register(
+        StageCollector(
+            service.stats, model_name=spec.model.name, replica=spec.replicas[replica].name, stage=stage
+        )
+    )
+    where = f"replicas[{replica}].stages[{stage}].metrics_port"
+    return await start_metrics_server(st.host, st.metrics_port, registry, where=where)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,16 @@ StageStats to and from the wire; __main__.py builds the server and hands it to `
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
-from dataclasses import dataclass
 from typing import Protocol
 
 from trellis.core import log
 from trellis.core.model_config import ModelConfig
 from trellis.core.request import RequestLimits
 from trellis.core.spec import DeploySpec
+from trellis.core.stage_api import StageStats
+from trellis.metrics.handoff_clock import HandoffClock
 from trellis.registry import Member, Registry, RegistryError, ReplicaLoad, open_registry
 from trellis.runtime.bootstrap import launch_from_spec, link_ring, start_head
 from trellis.runtime.executor import StageExecutor
@@ -40,24 +42,6 @@ class Server(Protocol):
     async def stop(self, grace: float | None) -> None: ...
 
 
-@dataclass(frozen=True)
-class StageStats:
-    """A snapshot of the stage; the scheduler's figures only on a head that is up (else 0)."""
-
-    replica: str
-    stage: int
-    ready: bool
-    draining: bool
-    num_blocks: int = 0
-    free_blocks: int = 0
-    running: int = 0
-    waiting: int = 0
-    in_flight_steps: int = 0
-    steps: int = 0
-    generated_tokens: int = 0
-    stage_busy_s: tuple[float, ...] = ()
-
-
 class StageService:
     def __init__(self, spec: DeploySpec, replica: int, stage: int, cfg: ModelConfig) -> None:
         """`cfg`: the model's config, as DeploySpec.check_model read it."""
@@ -73,6 +57,7 @@ class StageService:
         self._registry: Registry | None = None  # once registered (not with the embedded registry)
         self._stopped = asyncio.Event()
         self._links: list[Link] = []
+        self._handoff = HandoffClock()  # a later stage's sends (the head keeps its own)
         self._log = log.get()
 
     # ---- facts for the servicer --------------------------------------------------------------
@@ -83,16 +68,19 @@ class StageService:
     def stats(self) -> StageStats:
         head = self.head
         base = StageStats(
-            replica=self.launch.replica, stage=self.launch.stage, ready=self.ready, draining=self.draining
+            replica=self.launch.replica,
+            stage=self.launch.stage,
+            ready=self.ready,
+            draining=self.draining,
+            handoff_bytes_sent=sum(link.payload_bytes_sent for link in self._links),
+            handoff_bytes_received=sum(link.payload_bytes_received for link in self._links),
+            handoff_seconds=(self._handoff if head is None else head.handoff).seconds,
         )
         if head is None:
             return base
         st = head.scheduler.stats()
-        return StageStats(
-            replica=base.replica,
-            stage=base.stage,
-            ready=base.ready,
-            draining=base.draining,
+        return dataclasses.replace(
+            base,
             num_blocks=head.scheduler.config.num_blocks,
             free_blocks=st.get("free_blocks", 0),
             running=st.get("running", 0),
@@ -101,6 +89,9 @@ class StageService:
             steps=head.steps,
             generated_tokens=head.generated_tokens,
             stage_busy_s=tuple(head.stage_busy.snapshot()),
+            prefix_query_tokens=st.get("prefix_query_tokens", 0),
+            prefix_hit_tokens=st.get("prefix_hit_tokens", 0),
+            preemptions=st.get("preemptions", 0),
         )
 
     async def drain(self, timeout: float) -> bool:
@@ -155,7 +146,7 @@ class StageService:
             assert inbound is not None and outbound is not None  # a later stage is never alone
             self.ready = True
             try:
-                end = await serve_stage(self.executor, inbound, outbound)
+                end = await serve_stage(self.executor, inbound, outbound, self._handoff)
             except LinkClosed as e:  # a neighbour died (e.g. kill -9): this replica is broken
                 self._log.error("ring broken", error=str(e))
                 return False

@@ -11,15 +11,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.stage_worker.service import StageService, StageStats
+from services.stage_worker.service import StageService
 from trellis.core import log
 from trellis.core.errors import InvalidRequest
 from trellis.core.request import check_request
 from trellis.core.sampling import DEFAULT_MAX_TOKENS
+from trellis.core.stage_api import StageStats
 from trellis.core.telemetry import incoming_context, span_attributes, tracer
 from trellis.runtime.head import ReplicaFailed
 from trellis.v1 import stage_pb2, stage_pb2_grpc
-from trellis.wire.plan_codec import sampling_from_pb
+from trellis.wire.plan_codec import logprob_to_pb, sampling_from_pb
 
 _TRACER = tracer("trellis.stage_worker")
 
@@ -76,7 +77,9 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
                 finished = delta.finished
                 generated += len(delta.token_ids)
                 yield stage_pb2.SubmitResponse(
-                    token_ids=delta.token_ids, finish_reason=str(delta.finish_reason or "")
+                    token_ids=delta.token_ids,
+                    finish_reason=str(delta.finish_reason or ""),
+                    logprobs=[logprob_to_pb(lp) for lp in delta.logprobs],
                 )
         except ReplicaFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")

@@ -7,139 +7,20 @@ failure -> Unavailable, cancellation reaching the upstream, admission, validatio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from tokenizers import Tokenizer
 
+from tests.fake_stages import chunks, collect, mesh
 from trellis.core.errors import InvalidRequest, Overloaded, Unavailable
 from trellis.core.request import RequestLimits
 from trellis.core.sampling import DEFAULT_MAX_TOKENS, SamplingParams
-from trellis.registry import Member, ReplicaLoad, ReplicaView
+from trellis.registry import ReplicaLoad
 from trellis.routing.policy import least_load
-from trellis.routing.replicas import MISSES_TO_DOWN, ReplicaSet
-from trellis.routing.router import Delta, Router
-from trellis.routing.stage_client import StageChunk, StageRequest, StageStats
-
-LIMITS = RequestLimits(vocab_size=512, max_model_len=64)
-
-
-class FakeStream:
-    """Plays `chunks`, then fails with `fail`, or (hang) waits until cancelled."""
-
-    def __init__(self, chunks: Sequence[StageChunk], fail: Exception | None, hang: bool) -> None:
-        self.chunks, self.fail, self.hang = list(chunks), fail, hang
-        self.ended = False  # the last chunk was read, or it failed
-        self.cancelled = False  # cancel() came before the end: the upstream request was freed
-        self._cancel = asyncio.Event()
-
-    def cancel(self) -> None:
-        if not self.ended:
-            self.cancelled = True
-        self._cancel.set()
-
-    async def __aiter__(self) -> AsyncIterator[StageChunk]:
-        for chunk in self.chunks:
-            await asyncio.sleep(0)
-            if self._cancel.is_set():
-                return
-            self.ended = bool(chunk.finish_reason)
-            yield chunk
-        if self.fail is not None:
-            self.ended = True
-            raise self.fail
-        if self.hang:
-            await self._cancel.wait()
-
-
-@dataclass
-class FakeStage:
-    """One stage; the head plays what `script` says for each request."""
-
-    address: str
-    up: bool = True
-    chunks: list[StageChunk] = field(default_factory=list)
-    fail: Exception | None = None
-    hang: bool = False
-    requests: list[StageRequest] = field(default_factory=list)
-    streams: list[FakeStream] = field(default_factory=list)
-    closed: bool = False
-
-    def submit(self, request: StageRequest, *, timeout_s: float) -> FakeStream:
-        assert timeout_s > 0
-        self.requests.append(request)
-        self.streams.append(FakeStream(self.chunks, self.fail, self.hang))
-        return self.streams[-1]
-
-    async def healthy(self, *, timeout_s: float) -> bool:
-        return self.up
-
-    async def stats(self, *, timeout_s: float) -> StageStats:
-        return StageStats(replica="", stage=0)
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-class FakeRegistry:
-    def __init__(self, views: dict[str, ReplicaView]) -> None:
-        self.views = views
-        self.load: dict[str, ReplicaLoad] = {}
-
-    async def replicas(self) -> dict[str, ReplicaView]:
-        return self.views
-
-    async def loads(self) -> dict[str, ReplicaLoad]:
-        return self.load
-
-
-def view(name: str, num_stages: int = 1) -> ReplicaView:
-    members = tuple(
-        Member(name, i, num_stages, f"{name}-s{i}:1", f"{name}-s{i}:2", (i * 2, i * 2 + 2))
-        for i in range(num_stages)
-    )
-    return ReplicaView(name, "both", members)
-
-
-@dataclass
-class Mesh:
-    router: Router
-    replicas: ReplicaSet
-    registry: FakeRegistry
-    stages: dict[str, FakeStage]
-
-    def head(self, replica: str) -> FakeStage:
-        return self.stages[f"{replica}-s0:1"]
-
-
-async def mesh(
-    names: Sequence[str] = ("r1",),
-    *,
-    num_stages: int = 1,
-    tokenizer: Tokenizer | None = None,
-    limits: RequestLimits = LIMITS,
-    max_queue: int = 8,
-) -> Mesh:
-    stages: dict[str, FakeStage] = {}
-
-    def connect(address: str) -> FakeStage:
-        return stages.setdefault(address, FakeStage(address))
-
-    registry = FakeRegistry({n: view(n, num_stages) for n in names})
-    replicas = ReplicaSet(registry, connect)
-    await replicas.refresh()  # no monitor task: the tests poll by hand
-    router = Router(replicas, limits, tokenizer, model_name="fake", max_queue=max_queue)
-    return Mesh(router, replicas, registry, stages)
-
-
-def chunks(*token_lists: Sequence[int], finish: str = "length") -> list[StageChunk]:
-    out = [StageChunk(tuple(ids)) for ids in token_lists]
-    return [*out[:-1], StageChunk(out[-1].token_ids, finish)]
-
-
-async def collect(agen: AsyncIterator[Delta]) -> list[Delta]:
-    return [d async for d in agen]
+from trellis.routing.replicas import MISSES_TO_DOWN
+from trellis.routing.router import Delta
+from trellis.routing.stage_client import StageChunk
 
 
 @pytest.mark.parametrize(

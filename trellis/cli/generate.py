@@ -72,6 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _generate_offline(args: argparse.Namespace) -> int:
     from trellis.core.errors import ConfigError
+    from trellis.core.model_config import model_dir_problem
     from trellis.core.request import sampling_problem
     from trellis.core.sampling import SamplingParams
     from trellis.core.tokenizer import TokenizerMissing, decode, encode, load_tokenizer
@@ -79,6 +80,8 @@ def _generate_offline(args: argparse.Namespace) -> int:
 
     if not args.model and not args.preset:
         return fail("give --model DIR (or --preset NAME, or --router HOST:PORT)")
+    if args.model and (problem := model_dir_problem(args.model)):
+        return fail(problem)  # before the tokenizer: "has no tokenizer.json" would mislead
     tok = None
     try:
         if args.model:

@@ -7,6 +7,7 @@ windows, which this config spells out so the model code never looks at the archi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from trellis.core.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3")
+# "org/name" with no leading "/" or "./": what a Hugging Face hub id looks like, not a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,22 @@ def check_parallel(cfg: ModelConfig, tp: int, layers: tuple[int, int]) -> None:
         )
 
 
+def model_dir_problem(path: str | Path) -> str | None:
+    """Why `path` is no local model directory (a hub id and a missing path each get their own
+    advice), or None when it exists."""
+    if Path(path).exists():
+        return None
+    if _HUB_ID.fullmatch(str(path)):
+        return (
+            f"{path} is not a directory; Trellis loads local checkpoints: download it first "
+            f"(huggingface-cli download {path} --local-dir DIR) and pass DIR"
+        )
+    return f"model path {path} does not exist; give the directory that holds config.json"
+
+
 def _read_config_json(path: Path) -> Mapping[str, Any]:
-    if not path.exists():
-        raise ModelError(f"model path {path} does not exist")
+    if problem := model_dir_problem(path):
+        raise ModelError(problem)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ModelError(f"no config.json in model directory {path}")

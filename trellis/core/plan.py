@@ -1,4 +1,5 @@
-"""What moves between stages each step: the step plan down the pipe, sampled ids back to the head.
+"""What moves between stages each step: the step plan down the pipe, sampled ids (with their
+logprobs, for the requests that ask) back to the head.
 
 Pure data, no torch, no protobuf (``trellis.wire.plan_codec`` puts these on the wire). A request's
 data (prompt, sampling) travels once, in the plan of its first step; after that each step
@@ -42,7 +43,7 @@ class StepPlan:
     seqs: tuple[SeqStep, ...]
     new_requests: tuple[NewRequest, ...] = ()
     finished: tuple[int, ...] = ()  # sequences whose state every stage drops before this step
-    return_logits: bool = False  # the last stage sends the sampled rows' full logits back (tests, logprobs)
+    return_logits: bool = False  # the last stage sends the sampled rows' full logits back (tests)
     # A decode burst: every sequence is a greedy decode, and the stage runs this many steps in a
     # row, feeding each sampled token back on the device; blocks for all of them are in the plan.
     decode_steps: int = 1
@@ -50,6 +51,16 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model's distribution, log_softmax of the raw
+    logits (before temperature, top-k, top-p), and the `k` most likely tokens with theirs, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
 
 
 @dataclass(frozen=True)
@@ -62,3 +73,5 @@ class StepResult:
     token_ids: tuple[int, ...]  # `steps` tokens per sequence, sequence-major
     steps: int = 1
     logits: Any = None  # float32 [len(seq_ids), vocab] when the plan asked for them (a torch tensor)
+    # Empty when no sequence asked for logprobs; else aligned with token_ids, None where not asked.
+    logprobs: tuple[TokenLogprob | None, ...] = ()

@@ -20,6 +20,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_REQUEST_ID_LEN = 256
 MAX_SEED = 2**63
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs allows
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ def sampling_problem(sp: SamplingParams, vocab_size: int) -> str | None:
         return f"sampling.max_tokens must be > 0, got {sp.max_tokens}"
     if sp.seed is not None and not 0 <= sp.seed < MAX_SEED:
         return f"sampling.seed must be in [0, 2^63), got {sp.seed}"
+    if sp.logprobs is not None and not 0 <= sp.logprobs <= MAX_LOGPROBS:
+        return f"sampling.logprobs must be in [0, {MAX_LOGPROBS}] (unset: none), got {sp.logprobs}"
     bad = next((t for t in sp.stop_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         return f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})"

@@ -16,6 +16,8 @@ class SamplingParams:
     max_tokens: int = DEFAULT_MAX_TOKENS
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # None: no log-probabilities; k >= 0: each new token's logprob plus its top k alternatives.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:

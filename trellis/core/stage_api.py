@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trellis.core.plan import TokenLogprob
 from trellis.core.sampling import SamplingParams
 
 
@@ -23,10 +24,14 @@ class StageRequest:
 class StageChunk:
     token_ids: tuple[int, ...]
     finish_reason: str = ""  # set on the last chunk only
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked (sampling.logprobs)
 
 
 @dataclass(frozen=True)
 class StageStats:
+    """A snapshot of one stage (its service builds it; the router reads it over the wire); the
+    scheduler's figures only on a head that is up (else 0)."""
+
     replica: str
     stage: int
     num_blocks: int = 0
@@ -39,3 +44,10 @@ class StageStats:
     draining: bool = False
     ready: bool = False
     stage_busy_s: tuple[float, ...] = ()  # each stage's compute seconds, stage 0 first
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache / found there
+    prefix_hit_tokens: int = 0
+    preemptions: int = 0
+    # Every stage: the payload bytes on the leader's UCX links, the seconds its sends took.
+    handoff_bytes_sent: int = 0
+    handoff_bytes_received: int = 0
+    handoff_seconds: float = 0.0

@@ -3,6 +3,7 @@ few seconds on a built-in text, so that `make run` shows real words without any 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,12 @@ from trellis.core import log
 
 CORPUS = Path(__file__).with_name("demo_corpus.txt")
 VERSION = "v1"  # bump to rebuild cached demo models
+# A plain chat template, so /v1/chat/completions works on the demo: each message on its own
+# "role: content" line, then "assistant:" for the reply.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def cache_dir() -> Path:
@@ -21,6 +28,7 @@ def demo_model(path: Path | None = None, *, train_steps: int = 160) -> Path:
     """The demo checkpoint directory, building it (under a minute on 2 idle cores) if missing."""
     path = path or cache_dir()
     if (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
+        write_tokenizer_config(path)  # a model cached before the chat template gets it too
         return path
     logger = log.get()
     import torch
@@ -71,5 +79,14 @@ def demo_model(path: Path | None = None, *, train_steps: int = 160) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save(str(tmp / "tokenizer.json"))
+    write_tokenizer_config(tmp)
     tmp.replace(path)  # atomic: a half-written model is never taken for a cached one
     return path
+
+
+def write_tokenizer_config(path: Path) -> None:
+    """tokenizer_config.json with the chat template and the special tokens, if it is missing."""
+    target = path / "tokenizer_config.json"
+    if not target.is_file():
+        config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}
+        target.write_text(json.dumps(config, indent=2))

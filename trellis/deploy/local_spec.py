@@ -1,6 +1,9 @@
-"""Specs for one host: every service on 127.0.0.1, ports picked free (the demo, tests, benchmarks)."""
+"""Specs for one host: every service on 127.0.0.1 (the router on `host`), ports picked free (the demo,
+`trellis serve`, tests, benchmarks); and the check that a spec's ports are free before it starts."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from trellis.core.engine_config import EngineConfig
 from trellis.core.handoff_rules import handoff_ranks
@@ -8,6 +11,9 @@ from trellis.core.layout import split_layers
 from trellis.core.model_config import load_model_source
 from trellis.core.net import free_port_runs
 from trellis.core.spec import DeploySpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
+from trellis.wire.server import bind_problem
+
+LOCAL_HOST = "127.0.0.1"
 
 
 def local_spec(
@@ -24,38 +30,93 @@ def local_spec(
     engine: EngineConfig | None = None,
     max_queue: int = 256,
     max_model_len: int | None = None,
+    host: str = LOCAL_HOST,
+    http: bool = False,
+    http_port: int = 0,
+    metrics: bool = False,
+    served_model_name: str | None = None,
+    gpus: tuple[int, ...] = (),
 ) -> DeploySpec:
-    """A model directory, or a preset (dummy weights, for benchmarks)."""
+    """A model directory, or a preset (dummy weights, for benchmarks). A port given as 0 is picked
+    free; the HTTP API (`http`) and /metrics on every service (`metrics`) are off unless asked for.
+    On cuda, stage s of replica r takes the next `tp` of `gpus` (default 0, 1, ...)."""
     cfg = load_model_source(model_path, preset)
     layers = split_layers(cfg.num_hidden_layers, stages)
     # Per stage: control, UCX (TP rank r of a multi-stage replica listens on ucx_port + r), rendezvous.
     ucx_run = handoff_ranks(tp, stages)
-    ports = iter(free_port_runs([1] + [1, ucx_run, 1] * (replicas * stages)))
-    router = RouterSpec(port=router_port or next(ports), max_queue=max_queue)
-    gpu = iter(range(replicas * stages * tp))
+    n_metrics = (1 + replicas * stages) if metrics else 0
+    runs = [1] + [1, ucx_run, 1] * (replicas * stages) + [1] * (int(http) + n_metrics)
+    ports = iter(free_port_runs(runs, host=LOCAL_HOST))
+    port = next(ports)
+    router_port = router_port or port
+    stage_ports = [(next(ports), next(ports), next(ports)) for _ in range(replicas * stages)]
+    router = RouterSpec(
+        host=host,
+        port=router_port,
+        max_queue=max_queue,
+        http_port=(http_port or next(ports)) if http else 0,
+        metrics_port=next(ports) if metrics else 0,
+    )
+    gpu = iter(gpus or range(replicas * stages * tp))
+    placed = iter(stage_ports)
     reps = []
     for r in range(replicas):
-        sts = tuple(
-            StageSpec(
-                layers=layers[s],
-                tp=tp,
-                device=device,
-                host="127.0.0.1",
-                port=next(ports),
-                ucx_port=next(ports),
-                dist_port=next(ports),
-                gpus=tuple(next(gpu) for _ in range(tp)) if device == "cuda" else (),
+        sts = []
+        for s in range(stages):
+            control, ucx, dist = next(placed)
+            sts.append(
+                StageSpec(
+                    layers=layers[s],
+                    tp=tp,
+                    device=device,
+                    host=LOCAL_HOST,
+                    port=control,
+                    ucx_port=ucx,
+                    dist_port=dist,
+                    gpus=tuple(next(gpu) for _ in range(tp)) if device == "cuda" else (),
+                    metrics_port=next(ports) if metrics else 0,
+                )
             )
-            for s in range(stages)
-        )
-        reps.append(ReplicaSpec(name=f"r{r}", stages=sts))
+        reps.append(ReplicaSpec(name=f"r{r}", stages=tuple(sts)))
     model = ModelSpec(
         path=model_path,
         preset=preset,
         load_format="dummy" if preset else "auto",
         dtype=dtype,
         max_model_len=max_model_len,
+        served_model_name=served_model_name,
     )
     return DeploySpec(
         model=model, replicas=tuple(reps), router=router, engine=engine or EngineConfig(), registry=registry
     )
+
+
+def spec_ports(spec: DeploySpec) -> Iterator[tuple[str, str, int]]:
+    """(field, host, port) of every port the spec's services listen on (0s left out)."""
+    r = spec.router
+    yield from (("router.port", r.host, r.port), ("router.http_port", r.host, r.http_port))
+    yield ("router.metrics_port", r.host, r.metrics_port)
+    for i, rep in enumerate(spec.replicas):
+        for j, st in enumerate(rep.stages):
+            w = f"replicas[{i}].stages[{j}]"
+            ucx = [(f"{w}.ucx_port", st.ucx_port)]
+            if st.ucx_port:
+                n = handoff_ranks(st.tp, len(rep.stages))
+                ucx += [(f"{w}.ucx_port (+{k}: TP rank {k})", st.ucx_port + k) for k in range(1, n)]
+            named = [(f"{w}.port", st.port), *ucx, (f"{w}.dist_port", st.dist_port)]
+            named.append((f"{w}.metrics_port", st.metrics_port))
+            yield from ((name, st.host, port) for name, port in named)
+
+
+def busy_port(spec: DeploySpec) -> str | None:
+    """One line naming the first port of the spec that this host cannot listen on, or None: checked
+    before any process starts, so a busy port is that line rather than a service dying later."""
+    for field, host, port in spec_ports(spec):
+        if port and (problem := bind_problem(host, port)):
+            return f"{field}: cannot listen on {host}:{port}: {problem}"
+    return None
+
+
+def port_or_free(host: str, preferred: int) -> int:
+    """`preferred` when this host can listen on it now, else 0 (for local_spec to pick one free)."""
+    return 0 if bind_problem(host, preferred) else preferred

@@ -10,8 +10,9 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trellis.core.processes import spawn_module
 from trellis.core.spec import DeploySpec
+from trellis.deploy.processes import processes_for
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Service:
     address: str  # host:port of its gRPC server
     module: str  # run as `python -m module args`
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # what the spec implies; the mesh's env wins
     proc: subprocess.Popen | None = None
 
     def alive(self) -> bool:
@@ -35,6 +38,10 @@ class Service:
 
 class MeshError(RuntimeError):
     pass
+
+
+class MeshInterrupted(MeshError):
+    """Start-up was stopped on purpose (Ctrl-C / SIGTERM): stop the mesh, exit without an error."""
 
 
 class Mesh:
@@ -57,66 +64,45 @@ class Mesh:
         else:
             self._tmp = None
         self.spec_path = str(spec_path)
-        self.env = {**os.environ, **(env or {})}
-        # torch's default (a compute thread per core in every process) oversubscribes the cores when
-        # several CPU ranks share a host, and each step crawls (10x and worse): split the cores instead.
-        ranks = sum(st.tp for rep in spec.replicas for st in rep.stages)
-        self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-        # ucxx's default waits for a UCX request by yielding in a loop, so an idle stage leader (always
-        # waiting on its inbound link) spins a core, which CPU ranks need for compute: python futures let
-        # it sleep, for ~0.6 ms more per hop (bench/mesh_cpu.py). GPU hosts keep the faster default.
-        if all(st.device == "cpu" for rep in spec.replicas for st in rep.stages):
-            self.env.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
-        extra = ["--registry", registry] if registry else []
-        self.router = Service(
-            "router",
-            f"{spec.router.host}:{spec.router.port}",
-            "services.router",
-            ["--spec", self.spec_path, *extra],
-        )
-        self.stages: list[Service] = []
-        for rep in spec.replicas:
-            for j, st in enumerate(rep.stages):
-                self.stages.append(
-                    Service(
-                        f"{rep.name}/stage-{j}",
-                        f"{st.host}:{st.port}",
-                        "services.stage_worker",
-                        [
-                            "--spec",
-                            self.spec_path,
-                            "--replica",
-                            rep.name,
-                            "--stage",
-                            str(j),
-                        ],
-                    )
-                )
+        self.env = {**os.environ, **(env or {})}  # over each process's own env (processes.py)
+        # The one description of the processes, which the deploy generators render too.
+        self.processes = processes_for(spec, self.spec_path, registry)
+        built = [
+            (p.kind, Service(p.name, p.health.address, p.module, list(p.args), env=p.environment))
+            for p in self.processes
+        ]
+        self.router = next(svc for kind, svc in built if kind == "router")
+        self.stages: list[Service] = [svc for kind, svc in built if kind == "stage"]
+        self.others: list[Service] = [svc for kind, svc in built if kind == "kv_store"]
 
     @property
     def services(self) -> list[Service]:
-        return [self.router, *self.stages]
+        return [*self.others, self.router, *self.stages]
 
     def start_service(self, svc: Service) -> None:
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{svc.name.replace('/', '-')}.log", "ab")  # noqa: SIM115 - the child owns it
-        svc.proc = spawn_module(svc.module, svc.args, env=self.env, stdout=out, stderr=out)
+        svc.proc = spawn_module(svc.module, svc.args, env={**svc.env, **self.env}, stdout=out, stderr=out)
         if out is not None:
             out.close()  # the child holds its own descriptor
 
     def start(self) -> None:
-        for svc in self.stages:
+        for svc in [*self.others, *self.stages]:
             self.start_service(svc)
         self.start_service(self.router)
 
-    def wait_ready(self, timeout: float = 600.0, progress=None) -> None:
-        """Block until every service reports SERVING; raise MeshError if one dies or time runs out."""
+    def wait_ready(self, timeout: float = 600.0, progress=None, stop: threading.Event | None = None) -> None:
+        """Block until every service reports SERVING; raise MeshError if one dies or time runs out,
+        MeshInterrupted as soon as `stop` is set (Ctrl-C / SIGTERM while starting)."""
+        stop = stop or threading.Event()
         end = time.monotonic() + timeout
         pending = {s.name for s in self.services}
         while pending:
             for svc in self.services:
+                if stop.is_set():
+                    raise MeshInterrupted("interrupted while starting")
                 if svc.name in pending and not svc.alive():
                     raise MeshError(f"{svc.name} exited with code {svc.proc.poll()} while starting")
                 if svc.name in pending and health(svc.address):
@@ -125,10 +111,11 @@ class Mesh:
                         progress(f"{svc.name} serving at {svc.address}")
             if pending and time.monotonic() > end:
                 raise MeshError(f"not serving after {timeout:.0f}s: {', '.join(sorted(pending))}")
-            time.sleep(0.2)
-        self._wait_router_sees_replicas(end)
+            if pending and stop.wait(0.2):
+                raise MeshInterrupted("interrupted while starting")
+        self._wait_router_sees_replicas(end, stop)
 
-    def _wait_router_sees_replicas(self, end: float) -> None:
+    def _wait_router_sees_replicas(self, end: float, stop: threading.Event) -> None:
         from trellis.wire.router_client import RouterClient
 
         with RouterClient(self.router.address) as c:
@@ -136,12 +123,13 @@ class Mesh:
                 info = c.info()
                 if info.replicas and all(all(s.alive for s in r.stages) for r in info.replicas):
                     return
-                time.sleep(0.2)
+                if stop.wait(0.2):
+                    raise MeshInterrupted("interrupted while starting")
         raise MeshError("the router does not see the replicas as serving")
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM everyone (the router first, then the stages drain), SIGKILL stragglers."""
-        for svc in [self.router, *self.stages]:
+        for svc in [self.router, *self.stages, *self.others]:
             if svc.alive():
                 svc.proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + timeout

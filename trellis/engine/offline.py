@@ -20,6 +20,7 @@ from trellis.core import log
 from trellis.core.engine_config import EngineConfig
 from trellis.core.errors import InvalidRequest, ModelError, TrellisError
 from trellis.core.model_config import ModelConfig, load_model_source
+from trellis.core.plan import TokenLogprob
 from trellis.core.processes import spawn_module
 from trellis.core.request import RequestLimits, check_request
 from trellis.core.sampling import SamplingParams
@@ -78,6 +79,8 @@ class Completion:
     first_logits: torch.Tensor | None = None
     submitted_at: float = 0.0  # time.perf_counter() at submission, then when each token arrived
     token_times: list[float] = field(default_factory=list)
+    # One TokenLogprob per token when sampling.logprobs was set (log_softmax of the raw logits).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine:
@@ -249,6 +252,7 @@ class Engine:
                 if out.first_logits is None and delta.logits is not None:
                     out.first_logits = delta.logits
                 out.token_ids.extend(delta.token_ids)
+                out.logprobs.extend(delta.logprobs)
                 out.finish_reason = delta.finish_reason
         except ReplicaFailed as e:
             raise EngineError(f"the engine failed: {e}") from None

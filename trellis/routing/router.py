@@ -8,7 +8,9 @@ tokens back detokenized, and maps how it ended. Invariants:
 - an upstream request never outlives its client: if the reader goes away, or a stop string ends the
   text here before the head finishes, the upstream stream is cancelled (which frees its blocks);
 - the deltas' texts add up to the decode of the tokens, cut before the first stop string; the last
-  delta has the finish reason ("stop", "length", "abort") and the usage.
+  delta has the finish reason ("stop", "length", "abort") and the usage;
+- every call, however it ends, is observed once (trellis.metrics.request_observer): its Prometheus
+  metrics on `self.metrics` and one INFO log line.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from tokenizers import Tokenizer
 
 from trellis.core import log
 from trellis.core.errors import InvalidRequest, Overloaded, Unavailable
+from trellis.core.plan import TokenLogprob
 from trellis.core.request import RequestLimits, check_request, stop_problem
 from trellis.core.sampling import SamplingParams
 from trellis.core.telemetry import outgoing_metadata, span_attributes, tracer
 from trellis.core.tokenizer import encode
+from trellis.metrics.request_observer import observe_requests
+from trellis.metrics.router_metrics import RouterMetrics
 from trellis.routing.detokenizer import IncrementalDetokenizer
 from trellis.routing.info import ReplicaInfo, RouterInfo, StageInfo
 from trellis.routing.policy import ReplicaPolicy, least_load
@@ -56,6 +61,7 @@ class Delta:
     usage: Usage | None = None  # on the last delta only
     replica: str = ""  # on the first delta only: which replica serves it
     prompt_ids: tuple[int, ...] = ()  # on the first delta only: the prompt as tokenized
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when sampling.logprobs asked
 
 
 class Router:
@@ -68,6 +74,7 @@ class Router:
         model_name: str,
         max_queue: int,
         policy: ReplicaPolicy = least_load,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.replicas = replicas
         self.limits = limits
@@ -77,7 +84,10 @@ class Router:
         self.policy = policy
         self.outstanding = 0
         self._tracer = tracer("trellis.router")
+        # Each request's metrics and its one log line (observe_requests); a registry of its own if none.
+        self.metrics = RouterMetrics(model_name) if metrics is None else metrics
 
+    @observe_requests
     async def generate(
         self,
         prompt: Prompt | None,
@@ -92,11 +102,8 @@ class Router:
         default applies; deadline_s is how long the request may still take (None: DEFAULT_TIMEOUT_S)."""
         request_id = request_id or uuid.uuid4().hex
         logger = log.get(request_id=request_id)
-        try:
-            prompt_ids, sampling = await self._checked(prompt, sampling, max_tokens_given, stop, request_id)
-        except InvalidRequest as e:
-            logger.info("request rejected", reason=str(e))
-            raise
+        # A refusal (InvalidRequest) is logged, with its reason, on the request's one line.
+        prompt_ids, sampling = await self._checked(prompt, sampling, max_tokens_given, stop, request_id)
         replica = self._admit(prompt_ids)
         self.outstanding += 1
         replica.outstanding += 1
@@ -197,6 +204,7 @@ class Router:
                     usage=Usage(len(upstream.prompt_ids), completion) if finish else None,
                     replica=replica.name if first else "",
                     prompt_ids=upstream.prompt_ids if first else (),
+                    logprobs=chunk.logprobs,
                 )
                 first = False
                 if finish:

@@ -9,6 +9,8 @@ one host: `local_ring_launches`); each stage leader starts its executor and link
 
 from __future__ import annotations
 
+import torch
+
 from trellis.core.engine_config import EngineConfig
 from trellis.core.errors import ModelError
 from trellis.core.handoff_rules import handoff_ranks, rank_ucx_ports, sliced_handoff_problem
@@ -21,7 +23,7 @@ from trellis.runtime.head import Head, ring_handshake
 from trellis.runtime.launch import StageLaunch
 from trellis.scheduling.scheduler import Scheduler
 from trellis.scheduling.scheduler_config import scheduler_config
-from trellis.transport.ucx import Link, Listener, connect
+from trellis.transport.ucx import Link, LinkClosed, Listener, connect
 
 LOCAL_HOST = "127.0.0.1"
 
@@ -152,7 +154,8 @@ async def link_ring(executor: StageExecutor, listener: Listener | None) -> tuple
 
     Connects to the successor, accepts the predecessor on `listener` (on the leader's ucx_ports[0]),
     then waits until every TP peer has its own links (sliced hand-off; HandoffError if one cannot).
-    Within engine.link_timeout_s each; on failure, what was linked is closed again.
+    Within engine.link_timeout_s each (a line every ~10 s while the successor is not up; LinkClosed
+    naming the address when time runs out); on failure, what was linked is closed again.
     """
     launch = executor.launch
     if launch.num_stages == 1:
@@ -161,10 +164,20 @@ async def link_ring(executor: StageExecutor, listener: Listener | None) -> tuple
         raise ValueError("a stage of a ring of several needs a listener for its predecessor")
     timeout = launch.engine.link_timeout_s
     device = executor.ctx.device
-    outbound = await connect(launch.next_host, launch.next_ucx_ports[0], device, timeout=timeout)
+    successor = f"stage {(launch.stage + 1) % launch.num_stages}"
+    outbound = await connect(
+        launch.next_host, launch.next_ucx_ports[0], device, timeout=timeout, peer=successor
+    )
     inbound: Link | None = None
     try:
-        inbound = await listener.accept(timeout=timeout)
+        try:
+            inbound = await listener.accept(timeout=timeout)
+        except TimeoutError:
+            predecessor = (launch.stage - 1) % launch.num_stages
+            raise LinkClosed(
+                f"stage {predecessor} did not connect to this stage's UCX port "
+                f"{launch.ucx_ports[0]} within {timeout:.0f} s (engine.link_timeout_s)"
+            ) from None
         await executor.peers_linked()
     except BaseException:
         for link in (outbound, inbound):
@@ -196,3 +209,17 @@ async def start_head(
         inbound=inbound,
         return_logits=return_logits,
     )
+
+
+def cuda_problem(spec: DeploySpec, only: tuple[int, int] | None = None) -> str | None:
+    """One line when a stage of the spec (or only stage `only` = (replica, stage)) asks for CUDA on a
+    host that has none; checked before a process loads anything, instead of torch's tracebacks."""
+    wanted = [
+        f"replicas[{r}].stages[{s}].device"
+        for r, rep in enumerate(spec.replicas)
+        for s, st in enumerate(rep.stages)
+        if st.device == "cuda" and only in (None, (r, s))
+    ]
+    if not wanted or torch.cuda.is_available():
+        return None
+    return f"{wanted[0]}: cuda asked for, but this host has no CUDA GPU; use device: cpu"

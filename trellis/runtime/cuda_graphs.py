@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from trellis.core import log
 from trellis.runtime.model.attention_metadata import AttentionMetadata
+from trellis.runtime.model.loader import show_progress
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 
@@ -73,11 +75,19 @@ class DecodeGraphs:
         )
 
     def capture(self) -> None:
-        """Capture every bucket, largest first, sharing one memory pool."""
+        """Capture every bucket, largest first, sharing one memory pool (a progress bar on TP
+        rank 0 at a terminal: warm-up and capture of each bucket)."""
         logger = log.get()
         self._pad(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.buckets):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        buckets = tqdm(
+            list(reversed(self.buckets)),
+            desc="warming up and capturing decode graphs",
+            unit="graph",
+            disable=not show_progress(rank),
+        )
+        for bs in buckets:
             meta = self._meta(bs)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

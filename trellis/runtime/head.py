@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from opentelemetry.trace import Span
 
 from trellis.core import log
-from trellis.core.plan import StepResult
+from trellis.core.plan import StepPlan, StepResult, TokenLogprob
 from trellis.core.sampling import SamplingParams
+from trellis.core.telemetry import span_attributes, step_tracer
+from trellis.metrics.handoff_clock import HandoffClock
 from trellis.runtime.busy import StageBusy
 from trellis.runtime.executor import StageExecutor
 from trellis.runtime.handoff import payload_tensor
@@ -39,6 +42,7 @@ class TokenDelta:
     finished: bool
     finish_reason: str | None
     logits: torch.Tensor | None = None  # [vocab] of the step that sampled this token, when asked
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked (sampling.logprobs)
 
 
 class RequestStream:
@@ -114,6 +118,8 @@ class Head:
         self.steps = 0
         self.generated_tokens = 0
         self.stage_busy = StageBusy(num_stages)
+        self.handoff = HandoffClock()  # seconds sending plans' activations to stage 1 (/metrics)
+        self._step_tracer = step_tracer("trellis.head")  # None unless TRELLIS_TRACE is set
         self._log = log.get()
 
     # ---- requests --------------------------------------------------------------------------
@@ -191,14 +197,33 @@ class Head:
             # Encoded once, and only where the plan leaves this rank: the TP peers and every later
             # stage get these bytes (a lone rank never pays for the encoding).
             plan_bytes = encode_plan(plan) if self._plan_travels else b""
+            span = None if self._step_tracer is None else self._step_span(plan)
             out = await self.executor.run(plan, plan_bytes, None)
             self.steps += 1
             if self.num_stages == 1:
                 self.stage_busy.add((out.busy_s,))
                 self._complete(out.value)
             else:
-                await send_output(self.outbound, plan_bytes, out, self.executor.launch, ())
+                await send_output(self.outbound, plan_bytes, out, self.executor.launch, (), self.handoff)
+            if span is not None:
+                span.end()
         return ran
+
+    def _step_span(self, plan: StepPlan) -> Span:
+        """The head's part of one step (its layers, and the send on): the sequences it serves are
+        named, for the requests' `stage.submit` spans (seq_id) to be found."""
+        assert self._step_tracer is not None
+        return self._step_tracer.start_span(
+            "head.step",
+            attributes=span_attributes(
+                step_id=plan.step_id,
+                replica=self.executor.launch.replica,
+                stage=0,
+                seq_ids=[s.seq_id for s in plan.seqs],
+                num_tokens=plan.num_tokens,
+                decode_steps=plan.decode_steps,
+            ),
+        )
 
     async def _receive(self) -> None:
         try:
@@ -226,14 +251,23 @@ class Head:
             self._events.put_nowait(ReplicaFailed(f"the last stage sent a bad result: {e}"))
 
     def _complete(self, result: StepResult) -> None:
-        rows = {sid: i for i, sid in enumerate(result.seq_ids)} if result.logits is not None else {}
+        rows = {sid: i for i, sid in enumerate(result.seq_ids)}
         for upd in self.scheduler.complete(result):
             self.generated_tokens += len(upd.new_token_ids)
             stream = self._streams.get(upd.seq_id)
             if stream is None:
                 continue
-            logits = None if result.logits is None else result.logits[rows[upd.seq_id]]
-            stream.put(TokenDelta(tuple(upd.new_token_ids), upd.finished, upd.finish_reason, logits))
+            row = rows[upd.seq_id]
+            logits = None if result.logits is None else result.logits[row]
+            stream.put(
+                TokenDelta(
+                    tuple(upd.new_token_ids),
+                    upd.finished,
+                    upd.finish_reason,
+                    logits,
+                    _seq_logprobs(result, row, len(upd.new_token_ids)),
+                )
+            )
             if upd.finished:
                 del self._streams[upd.seq_id]
 
@@ -255,3 +289,10 @@ class Head:
             except (LinkClosed, TimeoutError) as e:
                 self._log.warning("ring did not stop cleanly", error=str(e))
         self._events.put_nowait(None)
+
+
+def _seq_logprobs(result: StepResult, row: int, kept: int) -> tuple[TokenLogprob, ...]:
+    """Row `row`'s logprobs for the first `kept` of its `result.steps` tokens (those past a finish
+    are dropped, like the tokens)."""
+    start = row * result.steps
+    return tuple(lp for lp in result.logprobs[start : start + kept] if lp is not None)

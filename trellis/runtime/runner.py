@@ -231,6 +231,9 @@ class StageRunner:
         end. Every TP rank picks the same argmax from the same gathered logits, so ranks stay in step."""
         if not (self.is_first and self.is_last):
             raise PlanError(f"step {plan.step_id}: a decode burst needs the whole model on one stage")
+        if any(self.seqs[s.seq_id].sampling.logprobs is not None for s in plan.seqs):
+            # The scheduler never bursts these: a burst's argmax loop stays free of logprob work.
+            raise PlanError(f"step {plan.step_id}: a decode burst cannot report logprobs")
         steps, n = plan.decode_steps, len(plan.seqs)
         tables = [self.seqs[s.seq_id].block_table for s in plan.seqs]
         picked = torch.empty(steps, n, dtype=torch.int64, device=self.device)
@@ -345,10 +348,12 @@ class StageRunner:
         if not self.tp.is_leader:
             return None
         params = [self.seqs[s.seq_id].sampling for s in sampled]
-        tokens = self.sampler(self.last_logits, params, [s.output_index for s in sampled])
+        # On the device, after any CUDA graph's replay and before the next overwrites its logits.
+        tokens, logprobs = self.sampler.sample(self.last_logits, params, [s.output_index for s in sampled])
         return StepResult(
             step_id=plan.step_id,
             seq_ids=tuple(s.seq_id for s in sampled),
             token_ids=tuple(tokens),
             logits=self.last_logits.cpu() if plan.return_logits else None,
+            logprobs=logprobs,
         )

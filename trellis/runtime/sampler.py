@@ -4,6 +4,9 @@ Random choice uses the exponential race: with q ~ Exp(1) per token, argmax(p / q
 For a request with a seed, q comes from a CPU generator seeded from (seed, output_index), so the
 token is a pure function of (logits, params, seed, output_index): the same on any TP x PP split and
 after a preemption recomputes the sequence. Requests without a seed draw q from the runner's generator.
+
+Log-probabilities (``token_logprobs``) are only computed for the rows that asked, on the device, and
+never change which token is drawn.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from trellis.core.plan import TokenLogprob
 from trellis.core.sampling import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -50,9 +54,16 @@ def sample_tokens(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """One token per row of float32 logits [rows, vocab]; ``generator`` serves unseeded random rows."""
-    rows = logits.shape[0]
-    if rows == 0:
-        return []
+    return pick_tokens(logits, params, output_indices, generator).tolist()
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_indices: Sequence[int],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``sample_tokens`` left on the device: int64 [rows]."""
     tokens = logits.argmax(dim=-1)  # greedy; ties go to the lowest id
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
@@ -63,7 +74,37 @@ def sample_tokens(
             generator,
         )
         tokens[random_rows] = picked
-    return tokens.tolist()
+    return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[TokenLogprob | None, ...]:
+    """Each asking row's chosen token and top-k under the model's own distribution.
+
+    For a row r with ``params[r].logprobs = k``: lp = log_softmax(logits[r]) over the raw logits,
+    before temperature, top-k and top-p (what OpenAI and vLLM report by default), so a token drawn
+    at temperature T still gets log p(token), not log p_T(token). Reported: lp[tokens[r]] and the k
+    largest (id, lp), best first. One log_softmax, gather and topk over just the asking rows (k the
+    largest asked); only [asking rows, 1 + 2k] numbers reach the host. Empty when no row asked, else
+    one entry per row, None for rows that did not ask.
+    """
+    asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not asked:
+        return ()
+    index = torch.tensor(asked, dtype=torch.int64, device=logits.device)
+    lp = logits.index_select(0, index).float().log_softmax(dim=-1)
+    picked = tokens.index_select(0, index)
+    chosen = lp.gather(1, picked[:, None])[:, 0]
+    k = min(max(params[i].logprobs or 0 for i in asked), lp.shape[-1])
+    top_lp, top_ids = lp.topk(k, dim=-1)  # sorted, best first
+    ids, values, token_ids, logprobs = top_ids.tolist(), top_lp.tolist(), picked.tolist(), chosen.tolist()
+    out: list[TokenLogprob | None] = [None] * len(params)
+    for j, i in enumerate(asked):
+        want = params[i].logprobs or 0
+        top = tuple(zip(ids[j][:want], values[j][:want], strict=True))
+        out[i] = TokenLogprob(token_ids[j], logprobs[j], top)
+    return tuple(out)
 
 
 def _sample_random(
@@ -101,3 +142,10 @@ class Sampler:
         self, logits: torch.Tensor, params: Sequence[SamplingParams], output_indices: Sequence[int]
     ) -> list[int]:
         return sample_tokens(logits, params, output_indices, self.generator)
+
+    def sample(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], output_indices: Sequence[int]
+    ) -> tuple[list[int], tuple[TokenLogprob | None, ...]]:
+        """The tokens, and the logprobs of the rows whose params ask for them (see token_logprobs)."""
+        tokens = pick_tokens(logits, params, output_indices, self.generator)
+        return tokens.tolist(), token_logprobs(logits, tokens, params)

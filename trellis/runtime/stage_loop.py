@@ -11,11 +11,17 @@ whose plan fails, or whose TP peer exits, sends a `PipeError` on and stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import Span, Tracer
+
 from trellis.core import log
 from trellis.core.plan import StepResult
+from trellis.core.telemetry import span_attributes, step_tracer
+from trellis.metrics.handoff_clock import HandoffClock
 from trellis.runtime.executor import StageExecutor, StageOutput
 from trellis.runtime.handoff import payload_tensor
 from trellis.runtime.launch import StageLaunch
@@ -36,19 +42,28 @@ class StageEnd:
 
 
 async def send_output(
-    link: Link, plan_bytes: bytes, out: StageOutput, launch: StageLaunch, busy_before: Sequence[float]
+    link: Link,
+    plan_bytes: bytes,
+    out: StageOutput,
+    launch: StageLaunch,
+    busy_before: Sequence[float],
+    handoff: HandoffClock | None = None,
 ) -> None:
     """Pass one plan's output on, this stage's busy seconds appended: activations (with the plan's
     bytes as they came, never re-encoded) to the next stage, or the result to the head (the ids in
-    the header, the logits if asked as the payload)."""
+    the header with any logprobs, the logits if asked as the payload).
+    The send's seconds go to `handoff`."""
     busy = (*busy_before, out.busy_s)
+    started = time.perf_counter()
     if isinstance(out.value, StepResult):
         r = out.value
-        header = pipe.encode(pipe.Result(StepResult(r.step_id, r.seq_ids, r.token_ids, r.steps), busy))
+        header = pipe.encode(pipe.Result(dataclasses.replace(r, logits=None), busy))  # logits: the payload
         await link.send(header, None if r.logits is None else r.logits.contiguous())
-        return
-    msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy)
-    await link.send(pipe.encode(msg), out.value)
+    else:
+        msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy)
+        await link.send(pipe.encode(msg), out.value)
+    if handoff is not None:
+        handoff.add(time.perf_counter() - started)
 
 
 async def report_failure(link: Link, why: str) -> None:
@@ -59,9 +74,11 @@ async def report_failure(link: Link, why: str) -> None:
         log.get().warning("could not report the failure downstream", error=str(e) or "timed out")
 
 
-async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) -> StageEnd:
-    """Run until the ring stops or this stage fails."""
-    serving = asyncio.create_task(_serve(executor, inbound, outbound))
+async def serve_stage(
+    executor: StageExecutor, inbound: Link, outbound: Link, handoff: HandoffClock | None = None
+) -> StageEnd:
+    """Run until the ring stops or this stage fails; `handoff` gets the seconds of the sends on."""
+    serving = asyncio.create_task(_serve(executor, inbound, outbound, handoff))
     watchdog = asyncio.create_task(executor.watch_peers())
     try:
         done, _ = await asyncio.wait({serving, watchdog}, return_when=asyncio.FIRST_COMPLETED)
@@ -77,9 +94,12 @@ async def serve_stage(executor: StageExecutor, inbound: Link, outbound: Link) ->
     return StageEnd(False, f"failed: {why}")
 
 
-async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> StageEnd:
+async def _serve(
+    executor: StageExecutor, inbound: Link, outbound: Link, handoff: HandoffClock | None
+) -> StageEnd:
     logger = log.get()
     launch = executor.launch
+    tracer = step_tracer("trellis.stage")  # None unless TRELLIS_TRACE is set: no span, no cost
     while True:
         header, payload = await inbound.recv()
         msg = pipe.decode(header)
@@ -93,13 +113,16 @@ async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> Stag
                         )
                     received = payload_tensor(payload, dtype, msg.payload_shape).to(executor.ctx.device)
                     plan = decode_plan(plan_bytes)  # parsed once, for this stage's runner
+                    span = None if tracer is None else _step_span(tracer, launch, plan.step_id)
                     out = await executor.run(plan, plan_bytes, received)
                 except Exception as e:  # a plan this stage cannot run, or a TP peer gone
                     why = f"stage {launch.stage} failed: {e}"
                     logger.error("stage failed", error=why)
                     await report_failure(outbound, why)
                     return StageEnd(False, why)
-                await send_output(outbound, plan_bytes, out, launch, busy)
+                await send_output(outbound, plan_bytes, out, launch, busy, handoff)
+                if span is not None:
+                    span.end()
             case pipe.Hello(token, num_blocks):
                 mine = executor.ctx.runner.num_blocks
                 await outbound.send(pipe.encode(pipe.Hello(token, min(num_blocks, mine))))
@@ -114,3 +137,11 @@ async def _serve(executor: StageExecutor, inbound: Link, outbound: Link) -> Stag
                 return StageEnd(isinstance(msg, pipe.Stop), str(msg))
             case _:
                 logger.warning("unexpected pipe message", kind=type(msg).__name__)
+
+
+def _step_span(tracer: Tracer, launch: StageLaunch, step_id: int) -> Span:
+    """This stage's part of one step (its layers, and the send on): a batched step serves many
+    requests, so it joins their traces by `step_id` (the head's `head.step` has the same)."""
+    return tracer.start_span(
+        "stage.step", attributes=span_attributes(step_id=step_id, replica=launch.replica, stage=launch.stage)
+    )

@@ -285,8 +285,9 @@ class Scheduler:
     def _burst(self, batch: _Batch) -> int:
         """How many decode steps this batch may run on the device in a row (1: an ordinary step).
 
-        Only with one stage, nobody waiting to be admitted, and every sequence a greedy decode;
-        never past a sequence's max_tokens or the context; blocks for every step allocated now.
+        Only with one stage, nobody waiting to be admitted, and every sequence a greedy decode that
+        asks for no logprobs (a burst reports only ids); never past a sequence's max_tokens or the
+        context; blocks for every step allocated now.
         """
         cfg = self.config
         if cfg.decode_burst == 1 or cfg.max_in_flight != 1 or self._waiting:
@@ -295,6 +296,8 @@ class Scheduler:
         if any(len(st.token_ids) != 1 or not st.sample for st in batch.steps):
             return 1
         if any(not s.sampling.greedy or s.sampling.stop_token_ids for s in seqs):
+            return 1
+        if any(s.sampling.logprobs is not None for s in seqs):
             return 1
         burst = min(
             [cfg.decode_burst]

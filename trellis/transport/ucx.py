@@ -122,18 +122,33 @@ class Listener:
         self._listener.close()
 
 
-async def connect(host: str, port: int, recv_device: torch.device, *, timeout: float = 60.0) -> Link:
-    """Connect to a listener, retrying until it is up or `timeout` seconds pass."""
+WAIT_LOG_EVERY_S = 10.0  # while a successor is still loading, say so this often
+
+
+async def connect(
+    host: str, port: int, recv_device: torch.device, *, timeout: float = 60.0, peer: str = "the listener"
+) -> Link:
+    """Connect to a listener (`peer` names it in the log), retrying until it is up or `timeout`
+    seconds pass; a line every WAIT_LOG_EVERY_S while waiting, and LinkClosed naming the address."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    start = loop.time()
+    deadline = start + timeout
+    next_log = start + WAIT_LOG_EVERY_S
     delay = 0.05
     while True:
         try:
             ep = await _ucxx().create_endpoint(host, port)
             return Link(ep, recv_device)
         except Exception as e:
-            if loop.time() + delay > deadline:
-                raise LinkClosed(f"cannot reach {host}:{port} over UCX: {e}") from e
+            now = loop.time()
+            if now + delay > deadline:
+                raise LinkClosed(
+                    f"cannot reach {peer} at {host}:{port} over UCX within {timeout:.0f} s "
+                    f"(engine.link_timeout_s): is it running, and is the port reachable? ({e})"
+                ) from e
+            if now >= next_log:
+                log.get().info(f"waiting for {peer} at {host}:{port} ({now - start:.0f} s of {timeout:.0f})")
+                next_log = now + WAIT_LOG_EVERY_S
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

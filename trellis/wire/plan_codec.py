@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from collections.abc import Iterable
+
+from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult, TokenLogprob
 from trellis.core.sampling import SamplingParams
 from trellis.v1 import plan_pb2, sampling_pb2
 
@@ -18,6 +20,8 @@ def sampling_to_pb(p: SamplingParams) -> sampling_pb2.SamplingParams:
     )
     if p.seed is not None:
         msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
     return msg
 
 
@@ -31,7 +35,27 @@ def sampling_from_pb(m: sampling_pb2.SamplingParams, *, default_max_tokens: int 
         max_tokens=m.max_tokens if m.HasField("max_tokens") else default_max_tokens,
         stop_token_ids=tuple(m.stop_token_ids),
         ignore_eos=m.ignore_eos,
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
     )
+
+
+def logprob_to_pb(lp: TokenLogprob) -> sampling_pb2.TokenLogprob:
+    return sampling_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_ids=[t for t, _ in lp.top],
+        top_logprobs=[v for _, v in lp.top],
+    )
+
+
+def logprob_from_pb(m: sampling_pb2.TokenLogprob) -> TokenLogprob:
+    if len(m.top_ids) != len(m.top_logprobs):
+        raise ValueError(f"a token logprob has {len(m.top_ids)} top ids but {len(m.top_logprobs)} values")
+    return TokenLogprob(m.token_id, m.logprob, tuple(zip(m.top_ids, m.top_logprobs, strict=True)))
+
+
+def logprobs_from_pb(ms: Iterable[sampling_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(logprob_from_pb(m) for m in ms)
 
 
 def plan_to_pb(plan: StepPlan) -> plan_pb2.StepPlan:
@@ -95,10 +119,31 @@ def decode_plan(data: bytes) -> StepPlan:
 
 
 def result_to_pb(r: StepResult) -> plan_pb2.StepResult:
-    return plan_pb2.StepResult(step_id=r.step_id, seq_ids=r.seq_ids, token_ids=r.token_ids, steps=r.steps)
+    """The result's header; only the rows that asked for logprobs carry them (by row index)."""
+    return plan_pb2.StepResult(
+        step_id=r.step_id,
+        seq_ids=r.seq_ids,
+        token_ids=r.token_ids,
+        steps=r.steps,
+        logprobs=[
+            plan_pb2.RowLogprob(row=i, logprob=logprob_to_pb(lp))
+            for i, lp in enumerate(r.logprobs)
+            if lp is not None
+        ],
+    )
 
 
 def result_from_pb(m: plan_pb2.StepResult) -> StepResult:
+    token_ids = tuple(m.token_ids)
+    logprobs: list[TokenLogprob | None] = [None] * len(token_ids) if m.logprobs else []
+    for row in m.logprobs:
+        if not 0 <= row.row < len(token_ids):
+            raise ValueError(f"a logprob row {row.row} is outside the result's {len(token_ids)} tokens")
+        logprobs[row.row] = logprob_from_pb(row.logprob)
     return StepResult(
-        step_id=m.step_id, seq_ids=tuple(m.seq_ids), token_ids=tuple(m.token_ids), steps=m.steps or 1
+        step_id=m.step_id,
+        seq_ids=tuple(m.seq_ids),
+        token_ids=token_ids,
+        steps=m.steps or 1,
+        logprobs=tuple(logprobs),
     )

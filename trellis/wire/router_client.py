@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from trellis.core.plan import TokenLogprob
 from trellis.v1 import router_pb2, router_pb2_grpc, sampling_pb2
+from trellis.wire.plan_codec import logprobs_from_pb
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -18,6 +20,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when asked
 
 
 class RouterClient:
@@ -40,6 +43,7 @@ class RouterClient:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         request_id: str = "",
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> Iterator[router_pb2.GenerateResponse]:
@@ -53,6 +57,8 @@ class RouterClient:
             sp.top_p = top_p
         if seed is not None:
             sp.seed = seed
+        if logprobs is not None:
+            sp.logprobs = logprobs
         req = router_pb2.GenerateRequest(request_id=request_id, sampling=sp, stop=list(stop))
         if isinstance(prompt, str):
             req.text = prompt
@@ -63,13 +69,15 @@ class RouterClient:
     def generate(self, prompt: str | Sequence[int], **kw: object) -> Completion:
         """Run to the end."""
         ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
         text, finish, prompt_ids = [], "", []
         for resp in self.stream(prompt, **kw):
             prompt_ids = prompt_ids or list(resp.prompt_token_ids)
             ids.extend(resp.token_ids)
+            logprobs.extend(logprobs_from_pb(resp.logprobs))
             text.append(resp.text)
             finish = resp.finish_reason or finish
-        return Completion(prompt_ids, ids, "".join(text), finish)
+        return Completion(prompt_ids, ids, "".join(text), finish, logprobs)
 
     def close(self) -> None:
         self.channel.close()

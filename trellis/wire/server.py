@@ -14,7 +14,9 @@ The detail is always one line, for a person.
 
 from __future__ import annotations
 
+import errno
 import inspect
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from trellis.core import log
 from trellis.core.errors import (
+    ConfigError,
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
@@ -150,13 +153,38 @@ class WireServer:
         await self._server.wait_for_termination()
 
 
-def build_server(host: str, port: int, register: Register) -> WireServer:
-    """A server on host:port only, with `register(server)`'s servicers, health and the error mapping."""
-    server = grpc.aio.server(interceptors=[ErrorStatusInterceptor()])
+def build_server(host: str, port: int, register: Register, *, field: str = "port") -> WireServer:
+    """A server on host:port only, with `register(server)`'s servicers, health and the error mapping.
+
+    The port is this server's alone (no SO_REUSEPORT, which would let a second server share a busy
+    port silently); a busy one raises ConfigError naming `field` (the spec's path of the port).
+    """
+    if port and (problem := bind_problem(host, port)):
+        raise ConfigError(f"{field}: cannot listen on {host}:{port}: {problem}")
+    server = grpc.aio.server(interceptors=[ErrorStatusInterceptor()], options=[("grpc.so_reuseport", 0)])
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc's "Failed to bind": lost a race for the port since the probe
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {host}:{port}")
+        raise ConfigError(f"{field}: cannot listen on {host}:{port} (is the port in use? pick another)")
     return WireServer(server, health, bound)
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound (probed with a plain socket, as gRPC binds it), or None.
+
+    Probing first keeps gRPC's own multi-line bind error off stderr."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "the port is already in use (stop what holds it, or pick another port)"
+            return e.strerror or str(e)
+    return None

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from trellis.core.errors import DeadlineExceeded, InvalidRequest, Overloaded, TrellisError, Unavailable
 from trellis.core.stage_api import StageChunk, StageRequest, StageStats
 from trellis.v1 import stage_pb2, stage_pb2_grpc
-from trellis.wire.plan_codec import sampling_to_pb
+from trellis.wire.plan_codec import logprobs_from_pb, sampling_to_pb
 
 
 def upstream_error(e: grpc.aio.AioRpcError, address: str) -> TrellisError:
@@ -47,7 +47,7 @@ class GrpcStageStream:
     async def __aiter__(self) -> AsyncIterator[StageChunk]:
         try:
             async for resp in self._call:
-                yield StageChunk(tuple(resp.token_ids), resp.finish_reason)
+                yield StageChunk(tuple(resp.token_ids), resp.finish_reason, logprobs_from_pb(resp.logprobs))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._cancelled and not (task is not None and task.cancelling()):

@@ -8,6 +8,8 @@ so a rank reads from disk only its stage's layers and its TP share of each tenso
 from __future__ import annotations
 
 import json
+import os
+import sys
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from trellis.core.errors import ModelError
 from trellis.core.model_config import ModelConfig
@@ -66,7 +69,7 @@ def build_stage_model(
     else:
         if model_path is None:
             raise ModelError(f"load_format {load_format!r} needs a model path")
-        load_weights(model, model_path)
+        load_weights(model, model_path, rank=tp.rank)
     return model.train(False)  # inference mode for every submodule
 
 
@@ -80,13 +83,15 @@ def checkpoint_sources(param_name: str, tied: bool) -> list[tuple[str, object]]:
     return [(param_name, None)]
 
 
-def load_weights(model: LlamaStageModel, path: str | Path) -> LoadReport:
+def load_weights(model: LlamaStageModel, path: str | Path, *, rank: int = 0) -> LoadReport:
     directory = Path(path)
     weight_map = _weight_map(directory)
     report = LoadReport()
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
-        for param_name, param in model.named_parameters():
+        params = list(model.named_parameters())
+        bar = tqdm(params, desc="loading weights", unit="tensor", disable=not show_progress(rank))
+        for param_name, param in bar:
             for tensor_name, shard_id in checkpoint_sources(param_name, model.cfg.tie_word_embeddings):
                 file = weight_map.get(tensor_name)
                 if file is None:
@@ -102,6 +107,12 @@ def load_weights(model: LlamaStageModel, path: str | Path) -> LoadReport:
                 except Exception as exc:  # a truncated or corrupt file fails only when read
                     raise ModelError(f"{file}: cannot read tensor {tensor_name}: {exc}") from None
     return report
+
+
+def show_progress(rank: int) -> bool:
+    """Progress bars (weights, graph capture) only on rank 0, only for a person at a terminal:
+    stderr a TTY and TRELLIS_PROGRESS not 0, so logs and tests stay clean."""
+    return rank == 0 and os.environ.get("TRELLIS_PROGRESS", "1") != "0" and sys.stderr.isatty()
 
 
 def check_weight_files(path: str | Path) -> None:

@@ -1,0 +1,186 @@
+"""`trellis serve MODEL_DIR | --preset NAME`: one command from a checkpoint to a serving mesh.
+
+It lays dp replicas x pp stages x tp ranks onto this host (the GPUs it finds on cuda, processes on
+CPU; or the planner's choice with --plan), picks the ports (the router's gRPC 50051 and the HTTP
+API's 8000 unless they are taken), prints the spec it made (--write-spec keeps it: `trellis up FILE`
+runs the same mesh) and runs the mesh until Ctrl-C, as `trellis up` does. The clients' API key
+reaches the router through the environment variable router.api_key_env names, never the spec.
+With no model on CPU it serves the demo model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import yaml
+
+from trellis.cli.up import DEFAULT_HTTP_PORT, add_log_level, fail, run_mesh, say, set_log_level
+from trellis.core.errors import ConfigError
+from trellis.core.spec import DeploySpec
+
+if TYPE_CHECKING:
+    from trellis.deploy.mesh import Mesh
+
+DEFAULT_PORT = 50051  # the router's gRPC API, as `trellis up` and the example specs
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model on this host with one command (OpenAI-compatible API)")
+    p.add_argument("model", nargs="?", help="a local Hugging Face model directory (CPU default: the demo)")
+    p.add_argument("--preset", help="a built-in model config with dummy weights (benchmarks)")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks per stage (default 1)")
+    p.add_argument("--pp", type=int, help="pipeline stages per replica (default 1)")
+    p.add_argument("--dp", type=int, help="replicas (default: as many as the GPUs hold; 1 on CPU)")
+    p.add_argument("--plan", action="store_true", help="let the planner choose tp / pp / dp for these GPUs")
+    p.add_argument("--host", default="127.0.0.1", help="the address the router's APIs listen on")
+    p.add_argument("--port", type=int, help=f"the router's gRPC port (default {DEFAULT_PORT} if free)")
+    p.add_argument("--http-port", type=int, help=f"the HTTP API's port (default {DEFAULT_HTTP_PORT} if free)")
+    p.add_argument("--metrics-port", type=int, default=0, help="the router's /metrics port (default: off)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the directory's)")
+    p.add_argument("--api-key", help="clients must send this key (Authorization: Bearer KEY)")
+    p.add_argument("--registry", help="redis://HOST:PORT/DB (default: embedded in the router)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is a GPU")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on CPU")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--write-spec", metavar="FILE", help="keep the spec it made (for `trellis up FILE`)")
+    p.add_argument("--log-dir", help="write each service's logs to DIR/NAME.log instead of this terminal")
+    add_log_level(p)
+    p.set_defaults(func=run_serve)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    gpus: int  # GPUs this host has (0 on CPU)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        spec = build_spec(args)
+    except ConfigError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:  # e.g. while the demo model is made, before any service started
+        return fail("interrupted", 130)
+    set_log_level(args.log_level, "INFO")
+    print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="", flush=True)
+    if args.write_spec:
+        spec.dump(args.write_spec)
+        say(f"wrote the spec to {args.write_spec} (`trellis up {args.write_spec}` runs the same mesh)")
+    env = {spec.router.api_key_env: args.api_key} if args.api_key else None
+    return run_mesh(spec, registry=None, log_dir=args.log_dir, env=env, on_ready=_announce(args))
+
+
+def build_spec(args: argparse.Namespace) -> DeploySpec:
+    """The spec of `trellis serve ARGS` on this host; ConfigError (one line) for what cannot be."""
+    from trellis.deploy.local_spec import local_spec
+
+    if args.model and args.preset:
+        raise ConfigError("give a MODEL_DIR or --preset NAME, not both")
+    for name in ("tp", "pp", "dp", "max_model_len"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    device = args.device or _default_device()
+    model = args.model
+    if model is None and args.preset is None:
+        if device == "cuda":
+            raise ConfigError("give a MODEL_DIR or --preset NAME (the demo model serves on CPU only)")
+        from trellis.deploy.demo_model import demo_model
+
+        say("no model given: serving the demo model (made once, then cached)")
+        model = str(demo_model())
+    if model is not None:
+        from trellis.core.model_config import model_dir_problem
+
+        if problem := model_dir_problem(model):
+            raise ConfigError(problem)
+    layout = _layout(args, device, model)
+    spec = local_spec(
+        model,
+        preset=args.preset,
+        replicas=layout.dp,
+        stages=layout.pp,
+        tp=layout.tp,
+        router_port=_port(args.host, args.port, DEFAULT_PORT, "--port", "the router's gRPC API"),
+        device=device,
+        dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"),
+        registry=args.registry or "embedded",
+        max_model_len=args.max_model_len,
+        host=args.host,
+        http=True,
+        http_port=_port(args.host, args.http_port, DEFAULT_HTTP_PORT, "--http-port", "the HTTP API"),
+        metrics=bool(args.metrics_port),
+        served_model_name=args.served_model_name,
+    )
+    if args.metrics_port:
+        spec = replace(spec, router=replace(spec.router, metrics_port=args.metrics_port))
+    spec.check_model()  # the layout against the model: one line naming the field
+    return spec
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layout(args: argparse.Namespace, device: str, model: str | None) -> Layout:
+    """tp x pp x dp from the flags (dp fills the GPUs when not given) or the planner's choice."""
+    gpus = 0
+    if device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ConfigError(
+                "--device cuda: cuda asked for, but this host has no CUDA GPU; use --device cpu"
+            )
+    if args.plan:
+        if device != "cuda":
+            raise ConfigError("--plan lays a model onto GPUs, and this serves on CPU: give --tp/--pp/--dp")
+        from trellis.cli.serve_plan import planned_layout
+
+        tp, pp, dp = planned_layout(args.preset or model or "", gpus, args.tp, args.pp)
+        say(f"the planner's choice for {gpus} GPU(s): {dp} replica(s) x {pp} stage(s) x TP {tp}")
+        return Layout(tp, pp, dp, gpus)
+    tp, pp = args.tp or 1, args.pp or 1
+    dp = args.dp or (max(1, gpus // (tp * pp)) if gpus else 1)
+    if gpus and tp * pp * dp > gpus:
+        raise ConfigError(
+            f"--tp {tp} x --pp {pp} x --dp {dp} needs {tp * pp * dp} GPUs, but this host has {gpus}"
+        )
+    return Layout(tp, pp, dp, gpus)
+
+
+def _port(host: str, asked: int | None, default: int, flag: str, what: str) -> int:
+    """The port asked for (checked when the mesh starts), else `default` if free, else 0 (free)."""
+    from trellis.deploy.local_spec import port_or_free
+
+    if asked is not None:
+        if not 1 <= asked <= 65535:
+            raise ConfigError(f"{flag} must be a port in 1..65535, got {asked}")
+        return asked
+    if port_or_free(host, default):
+        return default
+    say(f"port {default} ({what}) is in use on {host}: taking a free one ({flag} picks another)")
+    return 0
+
+
+def _announce(args: argparse.Namespace):
+    def announce(mesh: Mesh) -> None:
+        r = mesh.spec.router
+        base = f"http://{r.host}:{r.http_port}/v1"
+        name = mesh.spec.model.name
+        say(f"OpenAI-compatible API at {base} (model {name!r}); gRPC at {mesh.router.address}")
+        body = json.dumps({"model": name, "prompt": "Trellis serves", "max_tokens": 16})
+        auth = f" -H {shlex.quote('Authorization: Bearer ' + args.api_key)}" if args.api_key else ""
+        json_header = "-H 'Content-Type: application/json'"
+        say(f"try: curl -s {base}/completions {json_header}{auth} -d {shlex.quote(body)}")
+
+    return announce
