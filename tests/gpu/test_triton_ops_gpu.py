@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # collected first on CPU: keep the unit tests' interpreter mode
 pytest.importorskip("triton")
 
-from tests.unit.test_paged_decode import (
+from tests.unit.runtime.kernels.test_paged_decode import (
     CASES,
     DecodeCase,
     check_decode,
@@ -23,7 +23,7 @@ from tests.unit.test_paged_decode import (
     check_splits_twice,
     decode_inputs,
 )
-from tests.unit.test_triton_ops import (
+from tests.unit.runtime.kernels.test_triton_ops import (
     check_add_rms_norm,
     check_rms_norm,
     check_rotary,

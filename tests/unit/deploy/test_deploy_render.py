@@ -22,7 +22,7 @@ from trellis.deploy import compose, k8s, systemd
 from trellis.deploy.mesh import Mesh
 from trellis.deploy.processes import by_machine, isolated_gpus, processes_for
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "deploy" / "examples"
 PY = "/opt/py/bin/python3"
 

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
 pytest.importorskip("triton")
 
-from tests.unit.test_triton_ops import qkv_views
+from tests.unit.runtime.kernels.test_triton_ops import qkv_views
 from trellis.runtime.kernels import KernelInputError, paged_decode_attention, rotary_store_kv
 from trellis.runtime.kernels.paged_decode import choose_num_splits, split_counters
 from trellis.runtime.model.attention_backend import TorchReferenceBackend

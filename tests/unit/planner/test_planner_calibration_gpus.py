@@ -34,7 +34,7 @@ H100 = {
     "step_overhead_s": 450e-6,
     "step_overhead_per_seq_s": 50e-6,
 }
-REPO_CALIBRATION = Path(__file__).resolve().parents[2] / "bench" / "calibration.json"
+REPO_CALIBRATION = Path(__file__).resolve().parents[3] / "bench" / "calibration.json"
 
 
 def _h100_link() -> dict[str, Any]:
