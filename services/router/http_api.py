@@ -326,6 +326,9 @@ class HttpApi:
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.create_server((host, port), family=family)
+            # Accepted sockets inherit it: without it each small SSE write waits for the client's
+            # delayed ACK (Nagle), ~40 ms on the first token (asyncio sets it only for proto == TCP).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as e:
             raise ConfigError(
                 f"router.http_port: cannot listen on {host}:{port}: {e.strerror or e}"
