@@ -8,6 +8,7 @@ still loading. An interceptor turns what a handler raises into a status, once fo
     Unavailable -> UNAVAILABLE              DeadlineExceeded -> DEADLINE_EXCEEDED
     ConfigError, any other TrellisError -> FAILED_PRECONDITION
     anything unexpected -> logged with its traceback, answered UNAVAILABLE (never UNKNOWN)
+    request bytes that do not parse -> INVALID_ARGUMENT naming the message type (and the field)
 
 The detail is always one line, for a person.
 """
@@ -33,6 +34,7 @@ from trellis.core.errors import (
     TrellisError,
     Unavailable,
 )
+from trellis.wire.safe_deserialize import Undecodable, checked
 
 Register = Callable[[grpc.aio.Server], None]
 
@@ -69,6 +71,8 @@ async def _abort_for(error: Exception, method: str, context: grpc.aio.ServicerCo
 
 def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -83,6 +87,8 @@ def _guard_stream(
     behavior: Callable[..., AsyncIterator[Any]], method: str
 ) -> Callable[..., AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail)
         try:
             async for response in behavior(request, context):
                 yield response
@@ -95,7 +101,10 @@ def _guard_stream(
 
 
 class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps the error tree raised out of unary-unary and unary-stream handlers to statuses."""
+    """Maps the error tree raised out of unary-unary and unary-stream handlers to statuses.
+
+    It also checks their request deserializers (trellis/wire/safe_deserialize.py): grpc.aio answers a
+    raising deserializer UNKNOWN before any handler runs, so bad bytes must be caught inside it."""
 
     async def intercept_service(
         self,
@@ -107,7 +116,7 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         ser = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": checked(handler.request_deserializer, handler_call_details.method),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
