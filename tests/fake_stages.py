@@ -1,6 +1,6 @@
 """An in-process fake of a replica's stages for the router's unit tests: no process, no socket.
 
-FakeStage plays a head (its chunks, a failure, a cancel it records), FakeRegistry the membership;
+FakeStage plays a head (its chunks, a failure, a cancel it records, a drain), FakeRegistry the membership;
 `mesh(...)` builds a Router over them. tests/unit/routing, tests/unit/metrics and
 tests/unit/services use it.
 """
@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
+from trellis.core.errors import Unavailable
 from trellis.core.request import RequestLimits
+from trellis.core.stage_api import draining_refusal
 from trellis.registry import Member, ReplicaLoad, ReplicaView
 from trellis.routing.replicas import ReplicaSet
 from trellis.routing.router import Delta, Router
-from trellis.routing.stage_client import StageChunk, StageRequest, StageStats
+from trellis.routing.stage_client import StageChunk, StageHealth, StageRequest, StageStats
 
 LIMITS = RequestLimits(vocab_size=512, max_model_len=64)
 
@@ -52,10 +54,13 @@ class FakeStream:
 
 @dataclass
 class FakeStage:
-    """One stage; the head plays what `script` says for each request."""
+    """One stage; the head plays what `script` says for each request. `up`: it answers health;
+    `draining`: it answers NOT_SERVING and refuses new requests as a draining head does (its
+    streams already started go on)."""
 
     address: str
     up: bool = True
+    draining: bool = False
     chunks: list[StageChunk] = field(default_factory=list)
     fail: Exception | None = None
     hang: bool = False
@@ -66,11 +71,17 @@ class FakeStage:
     def submit(self, request: StageRequest, *, timeout_s: float) -> FakeStream:
         assert timeout_s > 0
         self.requests.append(request)
-        self.streams.append(FakeStream(self.chunks, self.fail, self.hang))
+        if self.draining:
+            refusal = Unavailable(f"{draining_refusal(self.address.split('-s')[0])} (from {self.address})")
+            self.streams.append(FakeStream([], refusal, False))
+        else:
+            self.streams.append(FakeStream(self.chunks, self.fail, self.hang))
         return self.streams[-1]
 
-    async def healthy(self, *, timeout_s: float) -> bool:
-        return self.up
+    async def health(self, *, timeout_s: float) -> StageHealth:
+        if not self.up:
+            return StageHealth.DOWN
+        return StageHealth.DRAINING if self.draining else StageHealth.SERVING
 
     async def stats(self, *, timeout_s: float) -> StageStats:
         return StageStats(replica="", stage=0)

@@ -6,6 +6,13 @@ it returns, every stage is up: health turns SERVING and the member registers (Re
 If the ring breaks (a stage died), the head fails its requests with UNAVAILABLE and every
 stage of the replica exits non-zero, for its supervisor to restart the replica.
 
+Drain (SIGTERM / SIGINT, or the Drain RPC): health turns NOT_SERVING at once (the router sends
+no new work, but keeps the streams: see trellis/routing/replicas.py), the head refuses new
+requests (UNAVAILABLE "replica X is draining") and the gRPC server keeps streaming the admitted
+ones until they finish, at most engine.drain_grace_s. Then, on a signal, the head stops the ring
+and the stage exits 0. A replica drained by the Drain RPC does not exit: it stays drained (no new
+requests) until it is restarted.
+
 This is the domain side: it knows no protobuf. The servicer (servicer.py) converts requests and
 StageStats to and from the wire; __main__.py builds the server and hands it to `run`.
 """
@@ -30,8 +37,8 @@ from trellis.runtime.head import Head
 from trellis.runtime.stage_loop import serve_stage
 from trellis.transport.ucx import Link, LinkClosed, Listener
 
-DRAIN_TIMEOUT_S = 30.0  # SIGTERM: how long the requests in flight may take to finish
-SERVER_GRACE_S = 2.0
+RING_STOP_TIMEOUT_S = 30.0  # after the drain: how long the ring's Stop may take to come round
+SERVER_GRACE_S = 2.0  # for the last responses of finished requests to leave
 
 
 class Server(Protocol):
@@ -55,6 +62,7 @@ class StageService:
         self.ready = False
         self.draining = False
         self._registry: Registry | None = None  # once registered (not with the embedded registry)
+        self._server: Server | None = None  # once run() started it
         self._stopped = asyncio.Event()
         self._links: list[Link] = []
         self._handoff = HandoffClock()  # a later stage's sends (the head keeps its own)
@@ -95,8 +103,13 @@ class StageService:
         )
 
     async def drain(self, timeout: float) -> bool:
-        """Take no new requests; wait (up to timeout) until the ones in flight are done."""
-        self.draining = True
+        """Take no new requests from now on (for good: until restarted), health NOT_SERVING; wait
+        (up to timeout) until the admitted ones are done. True if none is left."""
+        if not self.draining:
+            self._log.info("stage draining", in_flight=self.head.num_requests if self.head else 0)
+        self.draining = True  # first, before any await: Submit refuses from here on
+        if self._server is not None:
+            await self._server.set_serving(False)
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while self.head is not None and self.head.busy and loop.time() < end:
@@ -109,6 +122,7 @@ class StageService:
         st, launch = self.stage_spec, self.launch
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, self._stopped.set)
+        self._server = server
         await server.start()  # health NOT_SERVING until the ring is up
         self._log.info("stage loading", layers=list(launch.layers), port=st.port)
         await self.executor.start()
@@ -119,11 +133,13 @@ class StageService:
             self._links = [link for link in (outbound, inbound) if link is not None]
             work = asyncio.create_task(self._serve(inbound, outbound))
             await self._wait_ready(work)
-            await server.set_serving(True)
+            if not self.draining:  # a Drain RPC during start-up holds
+                await server.set_serving(True)
             await self._register()
             self._log.info("stage serving", replica=launch.replica, stage=launch.stage)
             stop = asyncio.create_task(self._stopped.wait())
             done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            # NOT_SERVING, not a stopped server: the streams in flight go on while the head drains.
             await server.set_serving(False)
             if work in done:
                 code = 0 if work.result() else 1
@@ -221,12 +237,18 @@ class StageService:
             failing = False
 
     async def _shutdown(self, work: asyncio.Task) -> int:
-        """SIGTERM: the head drains and stops the ring; other stages wait for the ring's Stop."""
-        if self.head is not None:
-            await self.drain(timeout=DRAIN_TIMEOUT_S)
-            await self.head.stop()
+        """SIGTERM: the head drains (engine.drain_grace_s) and stops the ring; other stages refuse
+        nothing (they take no requests) and wait for the ring's Stop. 0 once the ring stopped."""
+        head = self.head
+        if head is not None:
+            grace = self.launch.engine.drain_grace_s
+            if not await self.drain(timeout=grace):
+                self._log.warning(
+                    "drain grace expired, cutting the rest", grace_s=grace, left=head.num_requests
+                )
+            await head.stop()
         try:
-            await asyncio.wait_for(work, DRAIN_TIMEOUT_S)
+            await asyncio.wait_for(work, RING_STOP_TIMEOUT_S)
         except TimeoutError:
             work.cancel()
             return 1

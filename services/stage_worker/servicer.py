@@ -16,7 +16,7 @@ from trellis.core import log
 from trellis.core.errors import InvalidRequest
 from trellis.core.request import check_request
 from trellis.core.sampling import DEFAULT_MAX_TOKENS
-from trellis.core.stage_api import StageStats
+from trellis.core.stage_api import StageStats, draining_refusal
 from trellis.core.telemetry import incoming_context, span_attributes, tracer
 from trellis.runtime.head import ReplicaFailed
 from trellis.v1 import stage_pb2, stage_pb2_grpc
@@ -41,8 +41,8 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
         head = svc.head
         if head is None or not svc.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is still starting")
-        if svc.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
+        if svc.draining:  # the router sees UNAVAILABLE "... is draining" and tries another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, draining_refusal(svc.launch.replica))
         prompt = list(request.prompt_ids)
         try:
             sampling = check_request(
@@ -100,7 +100,13 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
     async def Drain(
         self, request: stage_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.DrainResponse:
-        drained = await self.service.drain(timeout=max(0.0, (context.time_remaining() or 30.0) - 0.5))
+        """Stop admitting (health NOT_SERVING) and wait, up to engine.drain_grace_s or the call's
+        deadline, for the admitted requests; `drained`: none is left. The replica does not exit:
+        it stays drained (refuses new requests) until it is restarted."""
+        grace = self.service.launch.engine.drain_grace_s
+        remaining = context.time_remaining()
+        timeout = grace if remaining is None else min(grace, max(0.0, remaining - 0.5))
+        drained = await self.service.drain(timeout=timeout)
         return stage_pb2.DrainResponse(drained=drained)
 
 

@@ -40,6 +40,8 @@ class EngineConfig:
     stop_timeout_s: float = 30.0  # a stage's TP peers to stop once told
     lease_ttl_s: float = 3.0  # a registered stage's lease (Redis registry)
     load_report_s: float = 0.5  # how often a head reports its replica's load to the registry
+    # SIGTERM or Drain: how long the admitted requests may take to finish (then the rest are cut).
+    drain_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -91,7 +93,7 @@ _MINIMUMS = {
     "decode_burst": 1,
     "max_in_flight": 1,
 }
-_POSITIVE = ("link_timeout_s", "stop_timeout_s", "lease_ttl_s", "load_report_s")
+_POSITIVE = ("link_timeout_s", "stop_timeout_s", "lease_ttl_s", "load_report_s", "drain_grace_s")
 
 
 def _check_type(where: str, value: Any, hint: Any) -> None:

@@ -6,10 +6,31 @@ uses them through the StageClient protocol, trellis/routing/stage_client.py).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from trellis.core.plan import TokenLogprob
 from trellis.core.sampling import SamplingParams
+
+
+class StageHealth(enum.Enum):
+    """What a stage's health check says (see trellis/routing/replicas.py for what the router does).
+
+    SERVING: it takes new work. DRAINING: it answers, but NOT_SERVING: it takes no new work (starting,
+    or draining: its admitted requests still stream). DOWN: it does not answer within the deadline.
+    """
+
+    SERVING = "serving"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+DRAINING = "is draining"  # in a head's UNAVAILABLE refusal of a new request: the router tries another
+
+
+def draining_refusal(replica: str) -> str:
+    """What a draining head answers a new request (UNAVAILABLE): nothing ran, so it can go elsewhere."""
+    return f"replica {replica} {DRAINING}"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """The replicas the router can send to: membership (registry), liveness (health of every stage), load.
 
-A monitor polls membership and every stage's health. After MISSES_TO_DOWN consecutive failed polls
-the replica is marked down and its in-flight streams are cancelled, so their clients get
-UNAVAILABLE within a poll interval or two (no waiting for a hung stream). A replica is up again
-as soon as every stage answers SERVING.
+A monitor polls membership and every stage's health (grpc.health.v1, service ""). The rule:
+- every stage answers SERVING: the replica is up, picked for new requests;
+- every stage answers, one or more NOT_SERVING: it is draining (or still starting): not picked
+  for new requests, and its in-flight streams are NOT cancelled: a draining stage keeps serving
+  them (NOT_SERVING means "no new work", never "dead");
+- a stage does not answer (RPC error or no answer within the deadline) MISSES_TO_DOWN polls in a
+  row: the replica is down and its in-flight streams are cancelled, so their clients get
+  UNAVAILABLE within a poll interval or two (no waiting for a hung stream).
+A drain that ends (the replica exits) thus looks like "down" with no streams left to cancel.
+A replica is up again as soon as every stage answers SERVING.
 """
 
 from __future__ import annotations
@@ -15,11 +21,17 @@ from typing import Protocol
 
 from trellis.core import log
 from trellis.registry import ReplicaLoad, ReplicaView
-from trellis.routing.stage_client import StageClient, StageClientFactory, StageStats, StageStream
+from trellis.routing.stage_client import (
+    StageClient,
+    StageClientFactory,
+    StageHealth,
+    StageStats,
+    StageStream,
+)
 
 POLL_S = 0.5
 HEALTH_DEADLINE_S = 1.0
-MISSES_TO_DOWN = 2  # consecutive failed polls before a replica is marked down
+MISSES_TO_DOWN = 2  # consecutive polls without an answer before a replica is marked down
 
 
 class Membership(Protocol):
@@ -36,7 +48,8 @@ class Replica:
 
     view: ReplicaView
     stages: tuple[StageClient, ...]  # one per stage, the head (stage 0) first
-    healthy: bool = False
+    healthy: bool = False  # picked for new requests (every stage SERVING)
+    draining: bool = False  # reachable but NOT_SERVING: no new requests, its streams go on
     misses: int = 0
     outstanding: int = 0  # this router's requests in flight here
     reported: ReplicaLoad | None = None
@@ -129,21 +142,32 @@ class ReplicaSet:
         await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
 
     async def _check(self, r: Replica) -> None:
-        results = await asyncio.gather(*(s.healthy(timeout_s=self.health_deadline_s) for s in r.stages))
-        if all(results):
+        results = await asyncio.gather(*(s.health(timeout_s=self.health_deadline_s) for s in r.stages))
+        if all(h is StageHealth.SERVING for h in results):
             if not r.healthy:
                 self._log.info("replica up", replica=r.name)
-            r.healthy, r.misses, r.down_reason = True, 0, ""
+            r.healthy, r.draining, r.misses, r.down_reason = True, False, 0, ""
+            return
+        if StageHealth.DOWN not in results:  # all reachable: draining (or starting), never cancelled
+            self.mark_draining(r)
+            r.misses = 0
             return
         r.misses += 1
         if r.misses >= MISSES_TO_DOWN:
-            bad = next(i for i, ok in enumerate(results) if not ok)
+            bad = results.index(StageHealth.DOWN)
             self._mark_down(r, f"stage {bad} is not serving")
+
+    def mark_draining(self, r: Replica) -> None:
+        """No new requests to `r`; its in-flight streams go on (the monitor's rule, or the head
+        refused a request as draining before the monitor saw it)."""
+        if r.healthy:
+            self._log.info("replica draining", replica=r.name)
+        r.healthy, r.draining = False, True
 
     def _mark_down(self, r: Replica, reason: str) -> None:
         if r.healthy:
             self._log.warning("replica down", replica=r.name, reason=reason)
-        r.healthy = False
+        r.healthy = r.draining = False
         r.down_reason = reason
         for stream in list(r.streams.values()):
             stream.cancel()

@@ -4,7 +4,8 @@
 event loop, admits (Overloaded past max_queue), picks a replica (the policy), streams the head's
 tokens back detokenized, and maps how it ended. Invariants:
 - every failure is an error of the tree (InvalidRequest, Overloaded, Unavailable, DeadlineExceeded);
-  a replica that fails or goes down mid-stream is Unavailable, naming the replica;
+  a replica that fails or goes down mid-stream is Unavailable, naming the replica; a head that
+  refuses a request as draining (before any token) is skipped and the request goes to another;
 - an upstream request never outlives its client: if the reader goes away, or a stop string ends the
   text here before the head finishes, the upstream stream is cancelled (which frees its blocks);
 - the deltas' texts add up to the decode of the tokens, cut before the first stop string; the last
@@ -28,6 +29,7 @@ from trellis.core.errors import InvalidRequest, Overloaded, Unavailable
 from trellis.core.plan import TokenLogprob
 from trellis.core.request import RequestLimits, check_request, stop_problem
 from trellis.core.sampling import SamplingParams
+from trellis.core.stage_api import DRAINING
 from trellis.core.telemetry import outgoing_metadata, span_attributes, tracer
 from trellis.core.tokenizer import encode
 from trellis.metrics.request_observer import observe_requests
@@ -42,6 +44,10 @@ from trellis.routing.validation import Prompt, check_router_request
 DEFAULT_TIMEOUT_S = 600.0  # a request without a deadline still gets one upstream
 # What the head's finish reasons mean to a client.
 FINISH = {"stop": "stop", "length": "length", "too_long": "length", "abort": "abort"}
+
+
+class _Draining(Unavailable):
+    """The head refused the request as draining before any token: it may go to another replica."""
 
 
 @dataclass(frozen=True)
@@ -104,45 +110,55 @@ class Router:
         logger = log.get(request_id=request_id)
         # A refusal (InvalidRequest) is logged, with its reason, on the request's one line.
         prompt_ids, sampling = await self._checked(prompt, sampling, max_tokens_given, stop, request_id)
-        replica = self._admit(prompt_ids)
-        self.outstanding += 1
-        replica.outstanding += 1
-        span = self._tracer.start_span(
-            "router.generate",
-            attributes=span_attributes(
-                request_id=request_id,
-                replica=replica.name,
-                prompt_tokens=len(prompt_ids),
-                max_tokens=sampling.max_tokens,
-            ),
-        )
-        upstream = StageRequest(request_id, prompt_ids, sampling, tuple(outgoing_metadata(span)))
-        stream = replica.head.submit(
-            upstream, timeout_s=DEFAULT_TIMEOUT_S if deadline_s is None else deadline_s
-        )
-        key = replica.track(stream)
-        try:
-            async with contextlib.aclosing(self._relay(replica, stream, upstream, stop)) as deltas:
-                async for delta in deltas:
-                    if delta.finish_reason and delta.usage is not None:
-                        span.set_attributes(
-                            span_attributes(
-                                finish_reason=delta.finish_reason,
-                                completion_tokens=delta.usage.completion_tokens,
+        refused: set[str] = set()  # replicas that refused it as draining (nothing ran there)
+        while True:
+            replica = self._admit(prompt_ids, refused)
+            self.outstanding += 1
+            replica.outstanding += 1
+            span = self._tracer.start_span(
+                "router.generate",
+                attributes=span_attributes(
+                    request_id=request_id,
+                    replica=replica.name,
+                    prompt_tokens=len(prompt_ids),
+                    max_tokens=sampling.max_tokens,
+                ),
+            )
+            upstream = StageRequest(request_id, prompt_ids, sampling, tuple(outgoing_metadata(span)))
+            stream = replica.head.submit(
+                upstream, timeout_s=DEFAULT_TIMEOUT_S if deadline_s is None else deadline_s
+            )
+            key = replica.track(stream)
+            try:
+                async with contextlib.aclosing(self._relay(replica, stream, upstream, stop)) as deltas:
+                    async for delta in deltas:
+                        if delta.finish_reason and delta.usage is not None:
+                            span.set_attributes(
+                                span_attributes(
+                                    finish_reason=delta.finish_reason,
+                                    completion_tokens=delta.usage.completion_tokens,
+                                )
                             )
-                        )
-                    yield delta
-        except Unavailable as e:
-            logger.warning("upstream failed", replica=replica.name, error=str(e))
-            raise
-        finally:
-            # A no-op when the head finished; otherwise (reader gone, stop string, failure) it
-            # ends the request upstream and frees its blocks.
-            stream.cancel()
-            replica.untrack(key)
-            span.end()
-            self.outstanding -= 1
-            replica.outstanding -= 1
+                        yield delta
+                return
+            except _Draining as e:
+                # Sent before the monitor saw the drain: nothing was generated, so another replica
+                # may take it; the last refusal is the answer when none is left.
+                self.replicas.mark_draining(replica)
+                refused.add(replica.name)
+                if not any(r.name not in refused for r in self.replicas.healthy()):
+                    raise Unavailable(str(e)) from None
+            except Unavailable as e:
+                logger.warning("upstream failed", replica=replica.name, error=str(e))
+                raise
+            finally:
+                # A no-op when the head finished; otherwise (reader gone, stop string, failure) it
+                # ends the request upstream and frees its blocks.
+                stream.cancel()
+                replica.untrack(key)
+                span.end()
+                self.outstanding -= 1
+                replica.outstanding -= 1
 
     async def _checked(
         self,
@@ -167,12 +183,12 @@ class Router:
             ids = tuple(prompt or ())
         return ids, check_request(ids, sampling, self.limits, max_tokens_given=max_tokens_given)
 
-    def _admit(self, prompt_ids: Sequence[int]) -> Replica:
+    def _admit(self, prompt_ids: Sequence[int], refused: set[str]) -> Replica:
         if self.outstanding >= self.max_queue:
             raise Overloaded(
                 f"the router is at its limit of {self.max_queue} requests in flight; retry later"
             )
-        up = self.replicas.healthy()
+        up = [r for r in self.replicas.healthy() if r.name not in refused]
         if not up:
             raise Unavailable("no replica is serving")
         return self.policy(up, prompt_ids)
@@ -211,6 +227,8 @@ class Router:
                     return
         except Unavailable as e:
             message = str(e)
+            if first and DRAINING in message:
+                raise _Draining(message) from None
             if f"replica {replica.name}" not in message:
                 message = f"replica {replica.name} failed: {message}"
             raise Unavailable(message) from None

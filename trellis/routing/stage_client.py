@@ -22,9 +22,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from trellis.core.stage_api import StageChunk, StageRequest, StageStats
+from trellis.core.stage_api import StageChunk, StageHealth, StageRequest, StageStats
 
-__all__ = ["StageChunk", "StageClient", "StageClientFactory", "StageRequest", "StageStats", "StageStream"]
+__all__ = [
+    "StageChunk",
+    "StageClient",
+    "StageClientFactory",
+    "StageHealth",
+    "StageRequest",
+    "StageStats",
+    "StageStream",
+]
 
 
 class StageStream(Protocol):
@@ -43,8 +51,8 @@ class StageClient(Protocol):
 
     def submit(self, request: StageRequest, *, timeout_s: float) -> StageStream: ...
 
-    async def healthy(self, *, timeout_s: float) -> bool:
-        """Whether the stage answers health SERVING within the deadline (never raises)."""
+    async def health(self, *, timeout_s: float) -> StageHealth:
+        """SERVING / DRAINING (answers NOT_SERVING) / DOWN (no answer within the deadline); never raises."""
         ...
 
     async def stats(self, *, timeout_s: float) -> StageStats: ...

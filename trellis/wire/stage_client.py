@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trellis.core.errors import DeadlineExceeded, InvalidRequest, Overloaded, TrellisError, Unavailable
-from trellis.core.stage_api import StageChunk, StageRequest, StageStats
+from trellis.core.stage_api import StageChunk, StageHealth, StageRequest, StageStats
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 from trellis.wire.plan_codec import logprobs_from_pb, sampling_to_pb
 
@@ -81,12 +81,14 @@ class GrpcStageClient:
         call = self._stub.Submit(message, timeout=timeout_s, metadata=list(request.trace_context))
         return GrpcStageStream(call, self._address)
 
-    async def healthy(self, *, timeout_s: float) -> bool:
+    async def health(self, *, timeout_s: float) -> StageHealth:
         try:
             resp = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-        return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:  # unreachable, or no answer within the deadline
+            return StageHealth.DOWN
+        if resp.status == health_pb2.HealthCheckResponse.SERVING:
+            return StageHealth.SERVING
+        return StageHealth.DRAINING  # it answers: NOT_SERVING means "no new work", not "dead"
 
     async def stats(self, *, timeout_s: float) -> StageStats:
         try:

@@ -139,6 +139,60 @@ def test_a_replica_going_down_cancels_its_streams_and_they_end_unavailable() -> 
     asyncio.run(scenario())
 
 
+def test_a_draining_replica_gets_no_new_requests_but_its_streams_finish_then_it_goes_down() -> None:
+    """The monitor's rule: reachable but NOT_SERVING is draining (no new work, streams kept), only
+    an unreachable stage is down (streams cancelled): a finished drain leaves none to cancel."""
+
+    async def scenario() -> None:
+        m = await mesh(("r1", "r2"))
+        for name in ("r1", "r2"):
+            m.head(name).chunks = chunks([5], [6], [7])
+        agen = m.router.generate((1, 2, 3))
+        first = await anext(agen)
+        busy, other = first.replica, ({"r1", "r2"} - {first.replica}).pop()
+        m.head(busy).draining = True  # SIGTERM or Drain: health NOT_SERVING, the server still streams
+        for _ in range(MISSES_TO_DOWN + 1):
+            await m.replicas.refresh()
+        r = m.replicas.replicas[busy]
+        assert not r.healthy and r.draining and not m.head(busy).streams[0].cancelled
+        assert [x.name for x in m.replicas.healthy()] == [other]
+        fresh = await collect(m.router.generate((1, 2, 3)))
+        assert fresh[0].replica == other and fresh[-1].finish_reason == "length"
+        rest = [d async for d in agen]  # the draining replica's stream runs to its end
+        assert [d.token_ids for d in rest] == [(6,), (7,)] and rest[-1].finish_reason == "length"
+        assert not m.head(busy).streams[0].cancelled and not r.streams
+        m.head(busy).up = False  # the drain is over: the replica exits
+        for _ in range(MISSES_TO_DOWN):
+            await m.replicas.refresh()
+        assert not r.healthy and not r.draining and r.down_reason == "stage 0 is not serving"
+        m.head(busy).up, m.head(busy).draining = True, False  # restarted
+        await m.replicas.refresh()
+        assert r.healthy and not r.draining
+
+    asyncio.run(scenario())
+
+
+def test_a_request_refused_as_draining_before_the_monitor_saw_it_goes_to_another_replica() -> None:
+    async def scenario() -> None:
+        m = await mesh(("r1", "r2"))
+        picked = least_load(m.replicas.healthy(), (1, 2, 3)).name
+        other = ({"r1", "r2"} - {picked}).pop()
+        for name in ("r1", "r2"):
+            m.head(name).chunks = chunks([5], [6])
+        m.head(picked).draining = True  # no poll yet: the router still thinks it serves
+        out = await collect(m.router.generate((1, 2, 3)))
+        assert out[0].replica == other and [d.token_ids for d in out] == [(5,), (6,)]
+        assert len(m.head(picked).requests) == 1 and m.replicas.replicas[picked].draining
+        assert m.router.outstanding == 0 and all(r.outstanding == 0 for r in m.replicas.replicas.values())
+        m.head(other).draining = True  # every replica draining: the refusal is the answer
+        with pytest.raises(Unavailable, match=f"replica {other} is draining"):
+            await collect(m.router.generate((1, 2, 3)))
+        with pytest.raises(Unavailable, match="no replica is serving"):
+            await collect(m.router.generate((1, 2, 3)))
+
+    asyncio.run(scenario())
+
+
 def test_upstream_refusals_keep_their_branch_of_the_tree() -> None:
     async def scenario() -> None:
         m = await mesh()
