@@ -139,11 +139,10 @@ class StageService:
             self._log.info("stage serving", replica=launch.replica, stage=launch.stage)
             stop = asyncio.create_task(self._stopped.wait())
             done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            # NOT_SERVING, not a stopped server: the streams in flight go on while the head drains.
-            await server.set_serving(False)
             if work in done:
+                await server.set_serving(False)
                 code = 0 if work.result() else 1
-            else:
+            else:  # the drain turns health NOT_SERVING (not a stopped server: admitted streams go on)
                 code = await self._shutdown(work)
             if self._registry is not None:
                 await self._registry.close()
@@ -240,6 +239,8 @@ class StageService:
         """SIGTERM: the head drains (engine.drain_grace_s) and stops the ring; other stages refuse
         nothing (they take no requests) and wait for the ring's Stop. 0 once the ring stopped."""
         head = self.head
+        if head is None and self._server is not None:  # no new work for this replica from here on
+            await self._server.set_serving(False)
         if head is not None:
             grace = self.launch.engine.drain_grace_s
             if not await self.drain(timeout=grace):
