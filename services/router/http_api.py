@@ -356,8 +356,10 @@ class HttpApi:
     async def stop(self) -> None:
         """Stop accepting, give in-flight requests the grace, then end them."""
         self._server.should_exit = True
-        with contextlib.suppress(Exception):
+        try:
             await self._task
+        except Exception as e:  # its own failure while stopping: said, and the router stops anyway
+            log.get().warning("router HTTP API stopped with an error", error=str(e) or type(e).__name__)
 
 
 async def start_http_api(spec: DeploySpec, router: Router, host: str, grace_s: float) -> HttpApi | None:
