@@ -4,8 +4,10 @@ the router (and kv_store) each in a Deployment with a Service, a headless Servic
 Addresses: a process binds and is dialled at the host its spec names, so the ConfigMap holds the
 spec as the cluster sees it (`cluster_view`): each stage's host is its pod's stable DNS name
 (`trellis-r0-stage-0-0.trellis-peers.NS.svc.cluster.local`, from the headless Service, published
-before the pod is ready so a stage can bind and its peers dial it while it loads), the router binds
-every interface, and each stage's GPUs are numbered from 0, as its pod sees them. The API key is
+before the pod is ready so a stage can bind and its peers dial it while it loads), the router is named
+by its Service and binds its own pod's IP (`--host $(POD_IP)`, from the downward API: a Deployment's
+pods have no stable name of their own), and each stage's GPUs are numbered from 0, as its pod sees
+them. The API key is
 read from the Secret `trellis-api-key` (key `api-key`), referenced, never embedded.
 
 Scaling, one number each: more routers are `replicas:` of the router Deployment (`kubectl scale
@@ -37,8 +39,9 @@ def stage_host(replica: str, stage: int, namespace: str) -> str:
 
 
 def cluster_view(spec: DeploySpec, namespace: str = "default") -> DeploySpec:
-    """The spec as the pods run it: stage hosts their pods' DNS names, the router on 0.0.0.0,
-    GPUs numbered from 0 per pod. processes_for(cluster_view(spec), CONTAINER_SPEC) are the pods."""
+    """The spec as the pods run it: stage hosts their pods' DNS names, the router its Service's
+    (each router pod binds its own IP, see _pod), GPUs numbered from 0 per pod.
+    processes_for(cluster_view(spec), CONTAINER_SPEC) are the pods."""
     reps = tuple(
         replace(
             rep,
@@ -48,7 +51,8 @@ def cluster_view(spec: DeploySpec, namespace: str = "default") -> DeploySpec:
         )
         for rep in spec.replicas
     )
-    return isolated_gpus(replace(spec, replicas=reps, router=replace(spec.router, host="0.0.0.0")))
+    router = replace(spec.router, host=f"trellis-router.{namespace}.svc.cluster.local")
+    return isolated_gpus(replace(spec, replicas=reps, router=router))
 
 
 def render(
@@ -152,9 +156,14 @@ class _Meta:
 
 def _pod(spec: DeploySpec, p: ProcessSpec, image: str, meta: _Meta) -> dict:
     env: list[dict] = [{"name": k, "value": v} for k, v in p.env]
+    command = p.argv(CONTAINER_PYTHON)
     if p.kind == "router":
         ref = {"name": SECRET[0], "key": SECRET[1]}
         env.append({"name": spec.router.api_key_env, "valueFrom": {"secretKeyRef": ref}})
+        # Every listener of the router (gRPC, HTTP, metrics) on this pod's IP only; Kubernetes
+        # expands $(POD_IP) in the command from the env var below.
+        env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+        command = [*command, "--host", "$(POD_IP)"]
     mounts = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
     volumes: list[dict] = [{"name": "spec", "configMap": {"name": "trellis-spec"}}]
     for i, path in enumerate(read_paths(spec)):  # on the node; a PersistentVolumeClaim works the same
@@ -172,7 +181,7 @@ def _pod(spec: DeploySpec, p: ProcessSpec, image: str, meta: _Meta) -> dict:
     container: dict = {
         "name": p.kind.replace("_", "-"),
         "image": image,
-        "command": p.argv(CONTAINER_PYTHON),
+        "command": command,
         "env": env,
         "ports": [{"name": n, "containerPort": v} for n, v in p.ports.named().items()],
         "startupProbe": probe(LOAD_CHECKS),
