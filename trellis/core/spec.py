@@ -23,6 +23,8 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 ROLES = ("both", "prefill", "decode")
+ROUTER_POLICIES = ("least-load", "kv-aware")
+KV_WRITE_POLICIES = ("second-use", "write-through")
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,27 @@ class RouterSpec:
     # The clients' bearer token is read from this environment variable (never from the spec, which
     # travels in ConfigMaps and logs); unset or empty: no authentication.
     api_key_env: str = "TRELLIS_API_KEY"
+    # Replica choice: least-load, or kv-aware (the estimated TTFT from what each replica and the
+    # KV store already hold of the prompt, its queued prefill and its decode load).
+    policy: str = "least-load"
+    speculative_ttl_s: float = 2.0  # kv-aware: a decision counts as "that replica holds it" this long
 
 
 @dataclass(frozen=True)
 class KVStoreSpec:
+    name: str = "kv0"  # the store's location in the block index
     host: str = "127.0.0.1"
-    port: int = 0
-    ucx_port: int = 0
-    capacity_bytes: int = 1 << 30
-    disk_path: str | None = None
+    port: int = 0  # gRPC control API
+    ucx_port: int = 0  # the bytes across hosts (not used on one host: shared memory)
+    metrics_port: int = 0  # Prometheus /metrics (0: none)
+    capacity_bytes: int = 1 << 30  # the pinned host tier (a shared-memory slab of block slots)
+    shm_dir: str = "/dev/shm"  # where the slab file lives (a tmpfs)
+    disk_path: str | None = None  # the disk tier's directory (None: no disk tier)
     disk_capacity_bytes: int = 0
+    write_policy: str = "second-use"  # a block goes to the store on its second use, or always
+    lease_ttl_s: float = 30.0  # a read lease; the slots are the reader's until then
+    put_timeout_s: float = 10.0  # an uncommitted put is reclaimed after this
+    rpc_timeout_s: float = 0.5  # a worker's deadline for each store RPC; past it, recompute
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,13 @@ def _str(choices: tuple[str, ...] | None = None) -> Any:
     return lambda w, v: _typed(w, v, str, choices=choices)
 
 
+def _seconds(where: str, v: Any) -> float:
+    _typed(where, v, (int, float))
+    if not v > 0:
+        raise SpecError(f"{where}: must be > 0 seconds, got {v!r}")
+    return float(v)
+
+
 def _layers(where: str, v: Any) -> tuple[int, int]:
     if not (isinstance(v, list | tuple) and len(v) == 2 and all(type(x) is int for x in v)):
         raise SpecError(f"{where}: expected [start, end) as two integers, got {v!r}")
@@ -325,6 +345,8 @@ def parse(raw: Any) -> DeploySpec:
             "http_port": _port,
             "metrics_port": _port,
             "api_key_env": _str(),
+            "policy": _str(ROUTER_POLICIES),
+            "speculative_ttl_s": _seconds,
         },
     )
     try:  # the knobs, their types and ranges are EngineConfig's own: listed once, there
@@ -340,25 +362,34 @@ def parse(raw: Any) -> DeploySpec:
             "kv_store",
             kv,
             {
+                "name": _str(),
                 "host": _str(),
                 "port": _port,
                 "ucx_port": _port,
+                "metrics_port": _port,
                 "capacity_bytes": _int(1),
-                "disk_path": _opt(_str()),
+                "shm_dir": _str(),
+                "disk_path": _opt(lambda w, v: os.path.expanduser(_typed(w, v, str))),
                 "disk_capacity_bytes": _int(0),
+                "write_policy": _str(KV_WRITE_POLICIES),
+                "lease_ttl_s": _seconds,
+                "put_timeout_s": _seconds,
+                "rpc_timeout_s": _seconds,
             },
         )
     )
     registry = _typed("registry", top.get("registry", "embedded"), str)
     if registry != "embedded" and not registry.startswith("redis://"):
         raise SpecError(f"registry: expected 'embedded' or redis://HOST:PORT/DB, got {registry!r}")
-    _check_ports(replicas, router)
+    _check_ports(replicas, router, kv_store)
     return DeploySpec(
         model=model, replicas=replicas, router=router, engine=engine, kv_store=kv_store, registry=registry
     )
 
 
-def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
+def _check_ports(
+    replicas: tuple[ReplicaSpec, ...], router: RouterSpec, kv_store: KVStoreSpec | None = None
+) -> None:
     seen: dict[tuple[str, int], str] = {}
 
     def claim(host: str, port: int, where: str) -> None:
@@ -371,6 +402,10 @@ def _check_ports(replicas: tuple[ReplicaSpec, ...], router: RouterSpec) -> None:
     claim(router.host, router.port, "router.port")
     claim(router.host, router.http_port, "router.http_port")
     claim(router.host, router.metrics_port, "router.metrics_port")
+    if kv_store is not None:
+        claim(kv_store.host, kv_store.port, "kv_store.port")
+        claim(kv_store.host, kv_store.ucx_port, "kv_store.ucx_port")
+        claim(kv_store.host, kv_store.metrics_port, "kv_store.metrics_port")
     for i, rep in enumerate(replicas):
         for j, st in enumerate(rep.stages):
             w = f"replicas[{i}].stages[{j}]"
