@@ -1,22 +1,26 @@
 """An in-process fake of a replica's stages for the router's unit tests: no process, no socket.
 
-FakeStage plays a head (its chunks, a failure, a cancel it records, a drain), FakeRegistry the membership;
-`mesh(...)` builds a Router over them. tests/unit/routing, tests/unit/metrics and
+FakeStage plays a head (its chunks, a failure, a cancel it records, a drain, a prefix cache of the
+prompts it served when given a fingerprint), FakeRegistry the membership; `mesh(...)` builds a
+Router over them. tests/unit/routing, tests/unit/metrics and
 tests/unit/services use it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
 from trellis.core.errors import Unavailable
+from trellis.core.kv_names import KVFingerprint
 from trellis.core.request import RequestLimits
 from trellis.core.stage_api import draining_refusal
 from trellis.registry import Member, ReplicaLoad, ReplicaView
+from trellis.routing.policy import ReplicaPolicy, least_load
 from trellis.routing.replicas import ReplicaSet
 from trellis.routing.router import Delta, Router
 from trellis.routing.stage_client import StageChunk, StageHealth, StageRequest, StageStats
@@ -67,10 +71,17 @@ class FakeStage:
     requests: list[StageRequest] = field(default_factory=list)
     streams: list[FakeStream] = field(default_factory=list)
     closed: bool = False
+    # The prefix cache: with a fingerprint, the block names of every prompt submitted are "cached".
+    fingerprint: KVFingerprint | None = None
+    cached: set[int] = field(default_factory=set)
+    kv_canary: int = 0  # reported in stats()
+    match_calls: int = 0
 
     def submit(self, request: StageRequest, *, timeout_s: float) -> FakeStream:
         assert timeout_s > 0
         self.requests.append(request)
+        if self.fingerprint is not None and not self.draining:
+            self.cached.update(self.fingerprint.block_hashes(request.prompt_ids))
         if self.draining:
             refusal = Unavailable(f"{draining_refusal(self.address.split('-s')[0])} (from {self.address})")
             self.streams.append(FakeStream([], refusal, False))
@@ -84,7 +95,14 @@ class FakeStage:
         return StageHealth.DRAINING if self.draining else StageHealth.SERVING
 
     async def stats(self, *, timeout_s: float) -> StageStats:
-        return StageStats(replica="", stage=0)
+        return StageStats(replica="", stage=0, kv_canary=self.kv_canary)
+
+    async def match_prefix(self, hashes: Sequence[int], *, timeout_s: float) -> int:
+        assert timeout_s > 0
+        self.match_calls += 1
+        if not self.up:
+            raise Unavailable(f"the stage at {self.address} does not answer")
+        return sum(1 for _ in itertools.takewhile(self.cached.__contains__, hashes))
 
     async def close(self) -> None:
         self.closed = True
@@ -128,6 +146,7 @@ async def mesh(
     tokenizer: Tokenizer | None = None,
     limits: RequestLimits = LIMITS,
     max_queue: int = 8,
+    policy: ReplicaPolicy = least_load,
 ) -> Mesh:
     stages: dict[str, FakeStage] = {}
 
@@ -137,7 +156,7 @@ async def mesh(
     registry = FakeRegistry({n: view(n, num_stages) for n in names})
     replicas = ReplicaSet(registry, connect)
     await replicas.refresh()  # no monitor task: the tests poll by hand
-    router = Router(replicas, limits, tokenizer, model_name="fake", max_queue=max_queue)
+    router = Router(replicas, limits, tokenizer, model_name="fake", max_queue=max_queue, policy=policy)
     return Mesh(router, replicas, registry, stages)
 
 

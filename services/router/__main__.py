@@ -9,12 +9,14 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 from tokenizers import Tokenizer
 
 from services.router.servicer import RouterServicer
 from trellis.core import log
 from trellis.core.errors import ConfigError
+from trellis.core.kv_names import fingerprint_of
 from trellis.core.model_config import ModelConfig, load_model_source
 from trellis.core.request import RequestLimits
 from trellis.core.spec import DeploySpec, SpecError, load
@@ -22,7 +24,10 @@ from trellis.core.telemetry import setup_tracing
 from trellis.core.tokenizer import TokenizerMissing, load_tokenizer
 from trellis.metrics.http_server import start_metrics_server
 from trellis.metrics.router_metrics import RouterMetrics
-from trellis.registry import open_registry
+from trellis.registry import RedisRegistry, Registry, open_registry
+from trellis.routing.kv_aware import BlockLocator, KVAwarePolicy
+from trellis.routing.kv_locators import HeadQueryLocator
+from trellis.routing.policy import ReplicaPolicy, least_load
 from trellis.routing.replicas import ReplicaSet
 from trellis.routing.router import Router
 from trellis.v1 import router_pb2_grpc
@@ -30,6 +35,7 @@ from trellis.wire.server import build_server
 from trellis.wire.stage_client import GrpcStageClient
 
 STOP_GRACE_S = 5.0  # in-flight streams get this long to finish when the router stops
+LOCATOR_DEADLINE_S = 0.03  # kv-aware: how long a decision waits for the heads and the store
 
 
 def _model(spec: DeploySpec) -> tuple[ModelConfig, Tokenizer | None, str]:
@@ -45,6 +51,46 @@ def _model(spec: DeploySpec) -> tuple[ModelConfig, Tokenizer | None, str]:
     return cfg, tok, spec.model.name
 
 
+def _policy(
+    spec: DeploySpec,
+    cfg: ModelConfig,
+    registry: Registry,
+    replicas: ReplicaSet,
+    metrics: RouterMetrics,
+    closers: list[Callable[[], Awaitable[None]]],
+) -> ReplicaPolicy:
+    """spec.router.policy as a policy. kv-aware asks the block index: the Redis registry itself,
+    or (embedded registry: nothing shared between processes) the heads and the store directly."""
+    if spec.router.policy != "kv-aware":
+        return least_load
+    fingerprint = fingerprint_of(cfg, spec.model.name, spec.model.dtype, spec.engine.block_size)
+    locator: BlockLocator
+    if isinstance(registry, RedisRegistry):
+        locator = registry
+    else:
+        store = None
+        if spec.kv_store is not None:  # the store's client only where there is a store
+            from trellis.wire.kv_store_client import KVStoreClient
+
+            kv = spec.kv_store
+            store = KVStoreClient(f"{kv.host}:{kv.port}", timeout_s=LOCATOR_DEADLINE_S)
+            closers.append(store.close)
+        locator = HeadQueryLocator(
+            replicas,
+            store,
+            store_name=spec.kv_store.name if spec.kv_store else "kv0",
+            deadline_s=LOCATOR_DEADLINE_S,
+        )
+    log.get().info("router policy kv-aware", fingerprint=fingerprint.key, canary=fingerprint.canary())
+    return KVAwarePolicy(
+        locator,
+        fingerprint,
+        speculative_ttl_s=spec.router.speculative_ttl_s,
+        locator_timeout_s=LOCATOR_DEADLINE_S + 0.02,
+        metrics=metrics,
+    )
+
+
 async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> int:
     logger = log.get()
     cfg, tok, name = _model(spec)
@@ -58,7 +104,17 @@ async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> in
     registry = open_registry(registry_url, spec)
     replicas = ReplicaSet(registry, GrpcStageClient)
     await replicas.start()
-    router = Router(replicas, limits, tok, model_name=name, max_queue=spec.router.max_queue, metrics=metrics)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    policy = _policy(spec, cfg, registry, replicas, metrics, closers)
+    router = Router(
+        replicas,
+        limits,
+        tok,
+        model_name=name,
+        max_queue=spec.router.max_queue,
+        policy=policy,
+        metrics=metrics,
+    )
     server = build_server(
         host,
         port,
@@ -80,6 +136,8 @@ async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> in
     logger.info("router stopping")
     await asyncio.gather(server.stop(grace=STOP_GRACE_S), http.stop() if http else asyncio.sleep(0))
     await replicas.close()
+    for close in closers:
+        await close()
     await registry.close()
     if metrics_server is not None:
         await metrics_server.close()

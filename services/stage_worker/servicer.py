@@ -7,6 +7,7 @@ the service's limits, and the service's StageStats become the wire's.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,6 +22,7 @@ from trellis.core.telemetry import incoming_context, span_attributes, tracer
 from trellis.runtime.head import ReplicaFailed
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 from trellis.wire.plan_codec import logprob_to_pb, sampling_from_pb
+from trellis.wire.stage_client import unpack_hashes
 
 _TRACER = tracer("trellis.stage_worker")
 
@@ -97,6 +99,24 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
     ) -> stage_pb2.StageStats:
         return stats_to_pb(self.service.stats())
 
+    async def MatchPrefix(
+        self, request: stage_pb2.MatchPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.MatchPrefixResponse:
+        """The leading run of the given block names that this head's prefix cache holds."""
+        if not self.service.is_head:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stage {self.service.launch.stage} is not a head stage; ask stage 0",
+            )
+        try:
+            hashes = unpack_hashes(request.hashes)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        run = self.service.cached_run(hashes)
+        if inspect.isawaitable(run):  # the service may answer from its own task
+            run = await run
+        return stage_pb2.MatchPrefixResponse(run=run)
+
     async def Drain(
         self, request: stage_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.DrainResponse:
@@ -124,4 +144,5 @@ def stats_to_pb(s: StageStats) -> stage_pb2.StageStats:
         steps=s.steps,
         generated_tokens=s.generated_tokens,
         stage_busy_s=s.stage_busy_s,
+        kv_canary=s.kv_canary,
     )

@@ -100,6 +100,26 @@ class RouterMetrics:
             ["model_name"],
             registry=reg,
         ).labels(model_name)
+        # KV-aware routing (trellis/routing/kv_aware.py): what each decision predicted; the hits
+        # the workers actually found are theirs to count.
+        self.kv_predicted_hit_blocks = Counter(
+            "trellis_router_kv_predicted_hit_blocks",
+            "Prompt blocks the KV-aware policy expected the chosen replica (or the KV store) to hold.",
+            per_request,
+            registry=reg,
+        )
+        self.kv_prompt_blocks = Counter(
+            "trellis_router_kv_prompt_blocks",
+            "Full prompt blocks of the requests the KV-aware policy routed.",
+            per_request,
+            registry=reg,
+        )
+        self.kv_fallbacks = Counter(
+            "trellis_router_kv_fallbacks",
+            "KV-aware decisions that fell back to least-load, by reason (locator error or timeout).",
+            ["model_name", "reason"],
+            registry=reg,
+        )
         self._series: dict[str, ReplicaSeries] = {}
 
     def series(self, replica: str) -> ReplicaSeries:
@@ -121,3 +141,12 @@ class RouterMetrics:
         self.requests.labels(self.model_name, replica, outcome).inc()
         if outcome == "ok":
             self.success.labels(self.model_name, replica, finished_reason).inc()
+
+    def kv_decision(self, replica: str, predicted_hit_blocks: int, prompt_blocks: int) -> None:
+        """Count one KV-aware decision: the blocks it expects to hit of the prompt's full blocks."""
+        self.kv_predicted_hit_blocks.labels(self.model_name, replica).inc(predicted_hit_blocks)
+        self.kv_prompt_blocks.labels(self.model_name, replica).inc(prompt_blocks)
+
+    def kv_fallback(self, reason: str) -> None:
+        """Count one KV-aware decision that fell back to least-load."""
+        self.kv_fallbacks.labels(self.model_name, reason).inc()

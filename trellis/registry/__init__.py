@@ -15,14 +15,18 @@ from trellis.registry.base import (
     ReplicaView,
     complete_replicas,
 )
+from trellis.registry.block_publisher import BlockPublisher
 from trellis.registry.embedded import EmbeddedRegistry, members_from_spec
+from trellis.registry.locations import Location, parse_location, replica_location, store_location
 from trellis.registry.redis_registry import RedisRegistry
 
 __all__ = [
+    "BlockPublisher",
     "EmbeddedRegistry",
     "InvalidRecordError",
     "LeaseConflictError",
     "LeaseLostCallback",
+    "Location",
     "Member",
     "RedisRegistry",
     "Registry",
@@ -33,6 +37,9 @@ __all__ = [
     "complete_replicas",
     "members_from_spec",
     "open_registry",
+    "parse_location",
+    "replica_location",
+    "store_location",
 ]
 
 

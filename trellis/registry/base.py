@@ -213,8 +213,9 @@ LeaseLostCallback = Callable[[Member], None]
 class Registry(Protocol):
     """Global state shared by the router, the stage workers and the KV store.
 
-    A *location* in the block index is a replica name or a kv_store address. Block hashes are the
-    chained hashes of full KV blocks (one definition shared by every service).
+    A *location* in the block index names one copy's holder (trellis.registry.locations: a replica
+    instance, or a KV store instance's tier). Block hashes are the chained hashes of full KV blocks
+    (one definition shared by every service).
     """
 
     async def register(
@@ -258,6 +259,11 @@ class Registry(Protocol):
 
     async def lookup_blocks(self, hashes: Sequence[int]) -> list[set[str]]:
         """For each hash, the set of live locations holding that block."""
+        ...
+
+    async def leading_runs(self, hashes: Sequence[int]) -> dict[str, int]:
+        """For each live location, how many of ``hashes`` it holds from the start, up to its first
+        miss (the block names of one prompt, in order). Locations with a run of 0 are left out."""
         ...
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ it finds dead).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -113,6 +114,14 @@ class EmbeddedRegistry:
     async def lookup_blocks(self, hashes: Sequence[int]) -> list[set[str]]:
         return [set(self._holders.get(h, ())) for h in checked_hashes(hashes)]
 
+    async def leading_runs(self, hashes: Sequence[int]) -> dict[str, int]:
+        hashes = checked_hashes(hashes)
+        if not hashes:
+            return {}
+        # Only a holder of the first block can have a run. Whole slices are checked at C speed; the
+        # first slice with a miss is scanned for it.
+        return {loc: _leading_run(self._held[loc], hashes) for loc in self._holders.get(hashes[0], ())}
+
     def _drop_holder(self, block_hash: int, location: str) -> None:
         holders = self._holders.get(block_hash)
         if holders is not None:
@@ -124,3 +133,11 @@ class EmbeddedRegistry:
         self._loads.clear()
         self._holders.clear()
         self._held.clear()
+
+
+def _leading_run(held: set[int], hashes: list[int], step: int = 32) -> int:
+    for start in range(0, len(hashes), step):
+        part = hashes[start : start + step]
+        if not held.issuperset(part):
+            return start + sum(1 for _ in itertools.takewhile(held.__contains__, part))
+    return len(hashes)

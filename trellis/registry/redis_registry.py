@@ -7,10 +7,10 @@ Keys, all under ``{namespace}:`` so several meshes (or tests) can share one redi
   clean shutdown, gone by itself TTL after the process dies.
 - ``members``                   the set of member slots, so readers need no keyspace scan.
 - ``load:{replica}``            the replica's last load (JSON), with a TTL; ``loads`` indexes them.
-- ``blocks:{location}``         the block hashes a location holds. The index is stored inverted (per
-  location, not per hash) so a location's entries are one key that expires with the lease of the
-  process that added them, and adding a batch of blocks is one command. ``block_locations``
-  indexes them.
+- ``blocks:{location}``         the block hashes a location holds, as decimal strings. The index is
+  stored inverted (per location, not per hash) so a location's entries are one key that expires
+  with the lease of the process that added them, and adding a batch of blocks is one command.
+  ``block_locations`` indexes them.
 
 Every read-modify step runs as one Lua script, so it is atomic; index entries whose key expired are
 swept by the readers inside the same scripts. Values are JSON; nothing is pickled.
@@ -121,6 +121,33 @@ end
 return out
 """
 
+# KEYS: block_locations index. ARGV: key prefix, hashes... (decimal strings, never Lua numbers: they
+# are 64-bit). Returns location, run, ... for each live location with a run > 0; a location's scan
+# stops at its first miss (SMISMEMBER on slices that double from 16, so a short run is cheap).
+_LEADING_RUNS = """
+local out = {}
+for _, loc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. loc
+  if redis.call('EXISTS', key) == 1 then
+    local run, first, size, missed = 0, 2, 16, false
+    while first <= #ARGV and not missed do
+      local last = math.min(first + size - 1, #ARGV)
+      for _, b in ipairs(redis.call('SMISMEMBER', key, unpack(ARGV, first, last))) do
+        if b == 1 then run = run + 1 else missed = true break end
+      end
+      first, size = last + 1, math.min(size * 2, 1000)
+    end
+    if run > 0 then
+      table.insert(out, loc)
+      table.insert(out, run)
+    end
+  else
+    redis.call('SREM', KEYS[1], loc)
+  end
+end
+return out
+"""
+
 
 @dataclass
 class _Lease:
@@ -159,6 +186,7 @@ class RedisRegistry:
         self._release = self._redis.register_script(_RELEASE)
         self._sweep = self._redis.register_script(_SWEEP)
         self._lookup = self._redis.register_script(_LOOKUP)
+        self._leading_runs = self._redis.register_script(_LEADING_RUNS)
         self._leases: dict[str, _Lease] = {}  # slot -> lease this instance holds
         self._locations: set[str] = set()  # block-index locations this instance keeps alive
         self._heartbeat: asyncio.Task[None] | None = None
@@ -306,6 +334,17 @@ class RedisRegistry:
                 if bit:
                     found[i].add(location)
         return found
+
+    async def leading_runs(self, hashes: Sequence[int]) -> dict[str, int]:
+        """One round trip (EVALSHA of one script; redis-py loads it first if the server lacks it)."""
+        hashes = checked_hashes(hashes)
+        if not hashes:
+            return {}
+        with self._talking("look up leading runs"):
+            flat = await self._leading_runs(
+                [self._key("block_locations")], [self._key("blocks", ""), *hashes]
+            )
+        return {loc: int(run) for loc, run in zip(flat[0::2], flat[1::2], strict=True)}
 
     # ---- heartbeat -----------------------------------------------------------------------------
 

@@ -1,13 +1,14 @@
 """Replica choice: which healthy replica a request goes to.
 
 A policy is a function of the healthy replicas (never empty) and the request's prompt ids, so a
-KV-aware policy (prefer the replica that holds the prompt's prefix blocks) can replace least-load
-without touching the router.
+KV-aware policy (prefer the replica that holds the prompt's prefix blocks, trellis/routing/kv_aware.py)
+can replace least-load without touching the router. A policy may be a plain function or a coroutine
+function (its answer is awaited): it must always answer one of the replicas it was given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -27,7 +28,7 @@ C = TypeVar("C", bound=Candidate)
 
 
 class ReplicaPolicy(Protocol):
-    def __call__(self, replicas: Sequence[C], prompt_ids: Sequence[int]) -> C: ...
+    def __call__(self, replicas: Sequence[C], prompt_ids: Sequence[int]) -> C | Awaitable[C]: ...
 
 
 def least_load(replicas: Sequence[C], prompt_ids: Sequence[int]) -> C:

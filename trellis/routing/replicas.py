@@ -53,6 +53,7 @@ class Replica:
     misses: int = 0
     outstanding: int = 0  # this router's requests in flight here
     reported: ReplicaLoad | None = None
+    kv_canary: int = 0  # the head's StageStats.kv_canary, read when it comes up (0: unknown)
     down_reason: str = ""
     streams: dict[int, StageStream] = field(default_factory=dict)  # in flight, cancelled if it goes down
     _keys: itertools.count = field(default_factory=itertools.count)
@@ -146,6 +147,7 @@ class ReplicaSet:
         if all(h is StageHealth.SERVING for h in results):
             if not r.healthy:
                 self._log.info("replica up", replica=r.name)
+                await self._read_canary(r)
             r.healthy, r.draining, r.misses, r.down_reason = True, False, 0, ""
             return
         if StageHealth.DOWN not in results:  # all reachable: draining (or starting), never cancelled
@@ -156,6 +158,14 @@ class ReplicaSet:
         if r.misses >= MISSES_TO_DOWN:
             bad = results.index(StageHealth.DOWN)
             self._mark_down(r, f"stage {bad} is not serving")
+
+    async def _read_canary(self, r: Replica) -> None:
+        """The head's KV canary, once per coming up (a restarted head may name blocks differently)."""
+        try:
+            r.kv_canary = (await self.stats(r)).kv_canary
+        except Exception as e:  # the canary only gates KV-aware routing: 0 (unknown) until known
+            r.kv_canary = 0
+            self._log.warning("replica stats unavailable; KV canary unknown", replica=r.name, error=str(e))
 
     def mark_draining(self, r: Replica) -> None:
         """No new requests to `r`; its in-flight streams go on (the monitor's rule, or the head

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -112,9 +113,7 @@ class Router:
         prompt_ids, sampling = await self._checked(prompt, sampling, max_tokens_given, stop, request_id)
         refused: set[str] = set()  # replicas that refused it as draining (nothing ran there)
         while True:
-            replica = self._admit(prompt_ids, refused)
-            self.outstanding += 1
-            replica.outstanding += 1
+            replica = await self._admit(prompt_ids, refused)
             span = self._tracer.start_span(
                 "router.generate",
                 attributes=span_attributes(
@@ -183,7 +182,9 @@ class Router:
             ids = tuple(prompt or ())
         return ids, check_request(ids, sampling, self.limits, max_tokens_given=max_tokens_given)
 
-    def _admit(self, prompt_ids: Sequence[int], refused: set[str]) -> Replica:
+    async def _admit(self, prompt_ids: Sequence[int], refused: set[str]) -> Replica:
+        """A replica for the request, counted in flight (here and there) before it returns. The
+        request holds its place in max_queue while an async policy decides."""
         if self.outstanding >= self.max_queue:
             raise Overloaded(
                 f"the router is at its limit of {self.max_queue} requests in flight; retry later"
@@ -191,7 +192,15 @@ class Router:
         up = [r for r in self.replicas.healthy() if r.name not in refused]
         if not up:
             raise Unavailable("no replica is serving")
-        return self.policy(up, prompt_ids)
+        self.outstanding += 1
+        try:
+            choice = self.policy(up, prompt_ids)
+            replica = await choice if inspect.isawaitable(choice) else choice
+        except BaseException:
+            self.outstanding -= 1
+            raise
+        replica.outstanding += 1
+        return replica
 
     async def _relay(
         self, replica: Replica, stream: StageStream, upstream: StageRequest, stop: Sequence[str]

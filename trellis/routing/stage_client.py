@@ -19,7 +19,7 @@ below, so the wire's gRPC client can build it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from trellis.core.stage_api import StageChunk, StageHealth, StageRequest, StageStats
@@ -56,6 +56,10 @@ class StageClient(Protocol):
         ...
 
     async def stats(self, *, timeout_s: float) -> StageStats: ...
+
+    async def match_prefix(self, hashes: Sequence[int], *, timeout_s: float) -> int:
+        """The head only: how many of these block names, from the first, its prefix cache holds."""
+        ...
 
     async def close(self) -> None: ...
 

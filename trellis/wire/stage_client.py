@@ -8,7 +8,8 @@ DEADLINE_EXCEEDED -> DeadlineExceeded, anything else -> Unavailable naming the s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +18,21 @@ from trellis.core.errors import DeadlineExceeded, InvalidRequest, Overloaded, Tr
 from trellis.core.stage_api import StageChunk, StageHealth, StageRequest, StageStats
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 from trellis.wire.plan_codec import logprobs_from_pb, sampling_to_pb
+
+
+def pack_hashes(hashes: Sequence[int]) -> bytes:
+    """Block names as the wire carries them: little-endian uint64, in order."""
+    try:
+        return struct.pack(f"<{len(hashes)}Q", *hashes)
+    except struct.error:
+        raise ValueError("block hashes must be integers in [0, 2**64)") from None
+
+
+def unpack_hashes(data: bytes) -> list[int]:
+    """The inverse of `pack_hashes`; ValueError if the bytes are not whole uint64s."""
+    if len(data) % 8:
+        raise ValueError(f"packed block hashes: {len(data)} bytes is not a multiple of 8")
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))
 
 
 def upstream_error(e: grpc.aio.AioRpcError, address: str) -> TrellisError:
@@ -108,7 +124,17 @@ class GrpcStageClient:
             draining=s.draining,
             ready=s.ready,
             stage_busy_s=tuple(s.stage_busy_s),
+            kv_canary=s.kv_canary,
         )
+
+    async def match_prefix(self, hashes: Sequence[int], *, timeout_s: float) -> int:
+        """How many of ``hashes``, from the first, the head's prefix cache holds (MatchPrefix)."""
+        request = stage_pb2.MatchPrefixRequest(hashes=pack_hashes(hashes))
+        try:
+            resp = await self._stub.MatchPrefix(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise upstream_error(e, self._address) from None
+        return resp.run
 
     async def close(self) -> None:
         await self._channel.close()
