@@ -22,19 +22,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
 from trellis.core import log
+from trellis.core.kv_names import fingerprint_of
 from trellis.core.model_config import ModelConfig
 from trellis.core.request import RequestLimits
 from trellis.core.spec import DeploySpec
 from trellis.core.stage_api import StageStats
 from trellis.metrics.handoff_clock import HandoffClock
 from trellis.registry import Member, Registry, RegistryError, ReplicaLoad, open_registry
+from trellis.registry.block_publisher import BlockPublisher
+from trellis.registry.locations import replica_location
 from trellis.runtime.bootstrap import launch_from_spec, link_ring, start_head
 from trellis.runtime.executor import StageExecutor
 from trellis.runtime.head import Head
+from trellis.runtime.kv_setup import StoreUse, attach_store
 from trellis.runtime.stage_loop import serve_stage
+from trellis.scheduling.block_manager import BlockEvent, BlockEventKind
 from trellis.transport.ucx import Link, LinkClosed, Listener
 
 RING_STOP_TIMEOUT_S = 30.0  # after the drain: how long the ring's Stop may take to come round
@@ -57,11 +64,15 @@ class StageService:
         self.stage_spec = self.replica_spec.stages[stage]
         self.launch = launch_from_spec(spec, cfg, replica, stage)
         self.limits = RequestLimits(vocab_size=cfg.vocab_size, max_model_len=self.launch.max_model_len)
+        self.fingerprint = fingerprint_of(cfg, spec.model.name, spec.model.dtype, spec.engine.block_size)
+        self._canary = self.fingerprint.canary()  # the router compares it with its own (kv-aware)
         self.executor = StageExecutor(self.launch)
         self.head: Head | None = None  # on stage 0, once the ring is up
         self.ready = False
         self.draining = False
         self._registry: Registry | None = None  # once registered (not with the embedded registry)
+        self._publisher: BlockPublisher | None = None  # the head's blocks in the global index
+        self.instance_id = uuid.uuid4().hex  # one per process start: a restart inherits nothing
         self._server: Server | None = None  # once run() started it
         self._stopped = asyncio.Event()
         self._links: list[Link] = []
@@ -73,6 +84,11 @@ class StageService:
     def is_head(self) -> bool:
         return self.launch.stage == 0
 
+    def cached_run(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` the head's KV cache holds now (0 off the head)."""
+        head = self.head
+        return 0 if head is None else head.scheduler.block_manager.cached_run(hashes)
+
     def stats(self) -> StageStats:
         head = self.head
         base = StageStats(
@@ -83,6 +99,7 @@ class StageService:
             handoff_bytes_sent=sum(link.payload_bytes_sent for link in self._links),
             handoff_bytes_received=sum(link.payload_bytes_received for link in self._links),
             handoff_seconds=(self._handoff if head is None else head.handoff).seconds,
+            kv_canary=self._canary,
         )
         if head is None:
             return base
@@ -99,6 +116,10 @@ class StageService:
             stage_busy_s=tuple(head.stage_busy.snapshot()),
             prefix_query_tokens=st.get("prefix_query_tokens", 0),
             prefix_hit_tokens=st.get("prefix_hit_tokens", 0),
+            store_loaded_blocks=st.get("store_loaded_blocks", 0),
+            store_voided_loads=st.get("store_voided_loads", 0),
+            store_committed_blocks=0 if head.kv_agent is None else head.kv_agent.stats.committed_blocks,
+            store_errors=0 if head.kv_agent is None else head.kv_agent.stats.errors,
             preemptions=st.get("preemptions", 0),
         )
 
@@ -144,6 +165,8 @@ class StageService:
                 code = 0 if work.result() else 1
             else:  # the drain turns health NOT_SERVING (not a stopped server: admitted streams go on)
                 code = await self._shutdown(work)
+            if self._publisher is not None:
+                await self._publisher.close()
             if self._registry is not None:
                 await self._registry.close()
         finally:
@@ -166,13 +189,17 @@ class StageService:
                 self._log.error("ring broken", error=str(e))
                 return False
             return end.stopped
-        head = self.head = await start_head(self.executor, outbound, inbound)
+        head = self.head = await start_head(self.executor, outbound, inbound, fingerprint=self.fingerprint)
+        if self.spec.kv_store is not None:
+            await attach_store(head, self.fingerprint, StoreUse.from_spec(self.spec.kv_store))
         self.ready = True
         reporter = asyncio.create_task(self._report_load())
         try:
             await head.run()
         finally:
             reporter.cancel()
+            if head.kv_agent is not None:
+                await head.kv_agent.close()
         if head.failed is not None:
             await asyncio.sleep(1.0)  # let the UNAVAILABLE statuses reach the router
             return False
@@ -201,9 +228,29 @@ class StageService:
                 layers=launch.layers,
                 tp=launch.tp,
                 role=self.replica_spec.role,
+                instance_id=self.instance_id,
             ),
             launch.engine.lease_ttl_s,
         )
+        if self.head is not None:
+            self._publish_blocks(registry, self.head)
+
+    def _publish_blocks(self, registry: Registry, head: Head) -> None:
+        """The head's prefix cache in the global block index, at most ~50 ms behind, under
+        "{replica}@{instance}" (the router's KV-aware policy reads it)."""
+        publisher = self._publisher = BlockPublisher(
+            registry, replica_location(self.launch.replica, self.instance_id)
+        )
+
+        def on_event(event: BlockEvent) -> None:
+            if event.kind is BlockEventKind.REGISTERED:
+                publisher.added(event.hashes)
+            elif event.kind is BlockEventKind.EVICTED:
+                publisher.removed(event.hashes)
+
+        bm = head.scheduler.block_manager
+        bm.add_listener(on_event)
+        publisher.start()
 
     async def _report_load(self) -> None:
         """Every engine.load_report_s, the replica's load to the registry (the router balances by

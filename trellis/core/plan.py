@@ -38,6 +38,15 @@ class SeqStep:
 
 
 @dataclass(frozen=True)
+class KVCopy:
+    """Block i of ``block_ids`` (this replica's KV cache) <-> slot i of ``slots`` (the KV store's
+    slab). Every (stage, TP rank) copies only its own layers x KV heads of each block."""
+
+    block_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class StepPlan:
     step_id: int
     seqs: tuple[SeqStep, ...]
@@ -47,6 +56,12 @@ class StepPlan:
     # A decode burst: every sequence is a greedy decode, and the stage runs this many steps in a
     # row, feeding each sampled token back on the device; blocks for all of them are in the plan.
     decode_steps: int = 1
+    # The KV store's slab (a shared-memory file) and the copies every stage makes at the start of
+    # the step, before its layers: loads fill fresh blocks from the store (the scheduler counts
+    # them as computed), saves copy named, computed blocks out to put slots (committed on return).
+    kv_slab: str = ""
+    kv_loads: tuple[KVCopy, ...] = ()
+    kv_saves: tuple[KVCopy, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -75,3 +90,6 @@ class StepResult:
     logits: Any = None  # float32 [len(seq_ids), vocab] when the plan asked for them (a torch tensor)
     # Empty when no sequence asked for logprobs; else aligned with token_ids, None where not asked.
     logprobs: tuple[TokenLogprob | None, ...] = ()
+    # Some (stage, rank) could not make the plan's KV copies (e.g. the store's slab is gone): the
+    # head voids the step for every sequence it loaded, and aborts the step's puts.
+    kv_failed: bool = False

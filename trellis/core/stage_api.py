@@ -72,3 +72,11 @@ class StageStats:
     handoff_bytes_sent: int = 0
     handoff_bytes_received: int = 0
     handoff_seconds: float = 0.0
+    # The head: KVFingerprint.canary() of its block names (0: unknown); see trellis/core/kv_names.py.
+    kv_canary: int = 0
+    # The head's use of the KV store: blocks loaded at admission, loads voided (recomputed), blocks
+    # committed to the store, store calls that failed (each a fallback to recompute).
+    store_loaded_blocks: int = 0
+    store_voided_loads: int = 0
+    store_committed_blocks: int = 0
+    store_errors: int = 0

@@ -8,6 +8,7 @@ mesh adds gRPC on top).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ import torch
 from trellis.core import log
 from trellis.core.engine_config import EngineConfig
 from trellis.core.errors import InvalidRequest, ModelError, TrellisError
+from trellis.core.kv_names import fingerprint_of
 from trellis.core.model_config import ModelConfig, load_model_source
 from trellis.core.plan import TokenLogprob
 from trellis.core.processes import spawn_module
@@ -30,6 +32,7 @@ from trellis.runtime.busy import bubble_fraction
 from trellis.runtime.executor import StageExecutor
 from trellis.runtime.handoff import HandoffError
 from trellis.runtime.head import Head, ReplicaFailed
+from trellis.runtime.kv_setup import StoreUse, attach_store
 from trellis.runtime.launch import StageLaunch
 from trellis.runtime.model.loader import check_weight_files
 from trellis.transport import ucx
@@ -59,6 +62,8 @@ class EngineArgs:
     # logits in its Completion (tests compare them with a reference).
     return_logits: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # A running KV store service to load prompts' blocks from and save them to (None: none).
+    kv_store: StoreUse | None = None
 
     def model_spec(self) -> ModelSpec:
         """The model source, as the model section of a deploy spec would give it."""
@@ -105,6 +110,7 @@ class Engine:
         except ModelError as e:
             raise EngineError(str(e)) from None
         self.dtype = model.dtype
+        self.fingerprint = fingerprint_of(self.cfg, model.name, model.dtype, args.engine.block_size)
         self.stage_layers = [launch.layers for launch in self.launches]
         self.max_model_len = self.launches[0].max_model_len
         self.limits = RequestLimits(vocab_size=self.cfg.vocab_size, max_model_len=self.max_model_len)
@@ -154,11 +160,19 @@ class Engine:
             self.executor = StageExecutor(head_launch)
             await self.executor.start()
             outbound, inbound = await link_ring(self.executor, listener)
-            head = await start_head(self.executor, outbound, inbound, return_logits=self.args.return_logits)
+            head = await start_head(
+                self.executor,
+                outbound,
+                inbound,
+                fingerprint=self.fingerprint,
+                return_logits=self.args.return_logits,
+            )
         finally:
             if listener is not None:
                 listener.close()
         self.head = head
+        if self.args.kv_store is not None:
+            await attach_store(head, self.fingerprint, self.args.kv_store)
         self._head_task = asyncio.create_task(head.run())
         a = self.args
         self._log.info("engine ready", tp=a.tp, pp=a.pp, layers=self.stage_layers, num_blocks=self.num_blocks)
@@ -190,6 +204,8 @@ class Engine:
     async def _stop(self) -> None:
         head, executor, task = self.head, self.executor, self._head_task
         assert head is not None and executor is not None and task is not None  # set together at start
+        if head.kv_agent is not None:
+            await head.kv_agent.close()
         await head.stop()
         await asyncio.wait_for(task, self.args.engine.stop_timeout_s)
         await executor.stop()
@@ -202,6 +218,22 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block no request holds (the local prefix cache; not the store's)."""
+        return self._call(self._reset_prefix_cache())
+
+    async def _reset_prefix_cache(self) -> int:
+        return self._running_head().scheduler.block_manager.reset_prefix_cache()
+
+    def stats(self) -> dict[str, int]:
+        """The head scheduler's counters (blocks, prefix hits, store loads), and the KV agent's."""
+        return self._call(self._stats())
+
+    async def _stats(self) -> dict[str, int]:
+        head = self._running_head()
+        agent = {} if head.kv_agent is None else dataclasses.asdict(head.kv_agent.stats)
+        return {**head.scheduler.stats(), **{f"kv_agent_{k}": v for k, v in agent.items()}}
 
     # ---- pipeline bubble -----------------------------------------------------------------------
     def stage_busy_seconds(self) -> list[float]:

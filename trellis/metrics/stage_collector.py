@@ -41,6 +41,14 @@ class StageFigures(Protocol):
     @property
     def preemptions(self) -> int: ...
     @property
+    def store_loaded_blocks(self) -> int: ...
+    @property
+    def store_voided_loads(self) -> int: ...
+    @property
+    def store_committed_blocks(self) -> int: ...
+    @property
+    def store_errors(self) -> int: ...
+    @property
     def stage_busy_s(self) -> Sequence[float]: ...
     @property
     def handoff_bytes_sent(self) -> int: ...
@@ -126,6 +134,21 @@ class StageCollector(Collector):
         yield _counter(
             "trellis:num_preemptions", "Sequences preempted (their KV freed).", labels, ident, s.preemptions
         )
+        for name, doc, value in (
+            (
+                "kv_store_loaded_blocks",
+                "KV blocks loaded from the store at admission.",
+                s.store_loaded_blocks,
+            ),
+            ("kv_store_voided_loads", "Store loads voided and recomputed.", s.store_voided_loads),
+            (
+                "kv_store_committed_blocks",
+                "KV blocks this head committed to the store.",
+                s.store_committed_blocks,
+            ),
+            ("kv_store_errors", "Store calls that failed (each a fallback to recompute).", s.store_errors),
+        ):
+            yield _counter(f"trellis:{name}", doc, labels, ident, value)
         busy = list(s.stage_busy_s)
         if not busy:  # the ring is not up yet
             return

@@ -14,6 +14,7 @@ import torch
 from trellis.core.engine_config import EngineConfig
 from trellis.core.errors import ModelError
 from trellis.core.handoff_rules import handoff_ranks, rank_ucx_ports, sliced_handoff_problem
+from trellis.core.kv_names import KVFingerprint
 from trellis.core.layout import split_layers
 from trellis.core.model_config import ModelConfig, check_parallel
 from trellis.core.net import free_ports
@@ -188,10 +189,17 @@ async def link_ring(executor: StageExecutor, listener: Listener | None) -> tuple
 
 
 async def start_head(
-    executor: StageExecutor, outbound: Link | None, inbound: Link | None, *, return_logits: bool = False
+    executor: StageExecutor,
+    outbound: Link | None,
+    inbound: Link | None,
+    *,
+    fingerprint: KVFingerprint,
+    return_logits: bool = False,
 ) -> Head:
     """On the head stage, once linked: Hello round the ring (every stage is up; the reply carries
-    the KV blocks every stage can hold), then the scheduler from the engine config, and the Head."""
+    the KV blocks every stage can hold), then the scheduler from the engine config, and the Head.
+    Block names are rooted in ``fingerprint`` (trellis.core.kv_names), as the router's and the
+    store's are."""
     launch = executor.launch
     num_blocks = await ring_handshake(executor, outbound, inbound, launch.engine.link_timeout_s)
     config = scheduler_config(
@@ -200,6 +208,7 @@ async def start_head(
         max_model_len=launch.max_model_len,
         eos_token_ids=executor.ctx.cfg.eos_token_ids,
         num_stages=launch.num_stages,
+        cache_key=fingerprint.key,
     )
     return Head(
         executor,

@@ -43,6 +43,7 @@ class StageOutput:
     value: torch.Tensor | StepResult
     busy_s: float
     shape: tuple[int, ...] = ()
+    kv_failed: bool = False  # this stage's KV copies for the plan failed (a StepResult carries its own)
 
 
 class StageExecutor:
@@ -95,7 +96,7 @@ class StageExecutor:
         shape = tuple(out.shape)
         if launch.sliced_handoff:
             out = column_slice(out, 0, launch.tp)
-        return StageOutput(out, self._synced_since(start), shape)
+        return StageOutput(out, self._synced_since(start), shape, ctx.runner.kv_failed)
 
     def _synced_since(self, start: float) -> float:
         if self.ctx.device.type == "cuda":

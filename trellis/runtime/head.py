@@ -25,6 +25,7 @@ from trellis.metrics.handoff_clock import HandoffClock
 from trellis.runtime.busy import StageBusy
 from trellis.runtime.executor import StageExecutor
 from trellis.runtime.handoff import payload_tensor
+from trellis.runtime.kv_agent import KVAgent
 from trellis.runtime.stage_loop import send_output
 from trellis.scheduling.scheduler import Scheduler
 from trellis.transport.ucx import Link, LinkClosed
@@ -121,6 +122,12 @@ class Head:
         self.handoff = HandoffClock()  # seconds sending plans' activations to stage 1 (/metrics)
         self._step_tracer = step_tracer("trellis.head")  # None unless TRELLIS_TRACE is set
         self._log = log.get()
+        self.kv_agent: KVAgent | None = None  # the KV store's client side, when the spec has a store
+        self._lookups: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """Look at the scheduler again (e.g. the KV agent has saves ready)."""
+        self._events.put_nowait(None)
 
     # ---- requests --------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RequestStream:
@@ -129,11 +136,36 @@ class Head:
             raise ReplicaFailed(str(self._failed))
         seq_id = self._next_seq
         self._next_seq += 1
-        self.scheduler.add(seq_id, list(prompt_ids), sampling)
+        names = None if self.kv_agent is None else self.kv_agent.blocks_to_look_up(prompt_ids)
+        if names is None:
+            self.scheduler.add(seq_id, list(prompt_ids), sampling)
+        else:  # first a lease on the store's run of the blocks not cached here (one RPC)
+            self.scheduler.check(tuple(prompt_ids), sampling)
+            task = asyncio.create_task(self._add_after_lookup(seq_id, tuple(prompt_ids), sampling, names))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
         stream = RequestStream(seq_id, prompt_ids)
         self._streams[seq_id] = stream
         self._events.put_nowait(None)  # wake the loop
         return stream
+
+    async def _add_after_lookup(
+        self, seq_id: int, prompt: tuple[int, ...], sampling: SamplingParams, names: list[int]
+    ) -> None:
+        assert self.kv_agent is not None
+        hit = await self.kv_agent.acquire(prompt, names)
+        stream = self._streams.get(seq_id)
+        if stream is None or self._failed is not None:  # cancelled (or the replica broke) meanwhile
+            if hit is not None:
+                self.kv_agent.release_unused(hit.lease_id)
+            return
+        try:
+            self.scheduler.add(seq_id, list(prompt), sampling, store_hit=hit)
+        except ValueError as e:  # checked at submit: only a bug gets here
+            self._streams.pop(seq_id, None)
+            stream.put(e)
+            return
+        self._events.put_nowait(None)
 
     def abort(self, seq_id: int) -> None:
         if self._streams.pop(seq_id, None) is not None:
@@ -190,7 +222,7 @@ class Head:
     async def _fill_pipeline(self) -> bool:
         """Schedule micro-batches until max_in_flight are out or nothing can run; True if any ran."""
         ran = False
-        while (plan := self.scheduler.schedule()) is not None:
+        while (plan := self._next_plan()) is not None:
             ran = True
             if self.return_logits:
                 plan = dataclasses.replace(plan, return_logits=True)
@@ -208,6 +240,17 @@ class Head:
             if span is not None:
                 span.end()
         return ran
+
+    def _next_plan(self) -> StepPlan | None:
+        """The scheduler's next plan with the KV agent's saves attached; a plan of saves alone
+        when nothing else runs (so blocks reach the store while the replica idles)."""
+        plan = self.scheduler.schedule()
+        agent = self.kv_agent
+        if agent is None:
+            return plan
+        if plan is None and agent.has_ready_saves():
+            plan = self.scheduler.copy_only_plan()
+        return None if plan is None else agent.attach(plan)
 
     def _step_span(self, plan: StepPlan) -> Span:
         """The head's part of one step (its layers, and the send on): the sequences it serves are
@@ -252,7 +295,10 @@ class Head:
 
     def _complete(self, result: StepResult) -> None:
         rows = {sid: i for i, sid in enumerate(result.seq_ids)}
-        for upd in self.scheduler.complete(result):
+        updates = self.scheduler.complete(result)
+        if self.kv_agent is not None:
+            self.kv_agent.completed(result)
+        for upd in updates:
             self.generated_tokens += len(upd.new_token_ids)
             stream = self._streams.get(upd.seq_id)
             if stream is None:

@@ -48,19 +48,23 @@ async def send_output(
     launch: StageLaunch,
     busy_before: Sequence[float],
     handoff: HandoffClock | None = None,
+    kv_failed_before: bool = False,
 ) -> None:
     """Pass one plan's output on, this stage's busy seconds appended: activations (with the plan's
     bytes as they came, never re-encoded) to the next stage, or the result to the head (the ids in
     the header with any logprobs, the logits if asked as the payload).
+    A KV copy failure of an earlier stage (`kv_failed_before`) or this one travels on to the head.
     The send's seconds go to `handoff`."""
     busy = (*busy_before, out.busy_s)
     started = time.perf_counter()
     if isinstance(out.value, StepResult):
+        r = dataclasses.replace(out.value, logits=None, kv_failed=out.value.kv_failed or kv_failed_before)
+        header = pipe.encode(pipe.Result(r, busy))  # the logits go as the payload
         r = out.value
-        header = pipe.encode(pipe.Result(dataclasses.replace(r, logits=None), busy))  # logits: the payload
         await link.send(header, None if r.logits is None else r.logits.contiguous())
     else:
-        msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy)
+        failed = out.kv_failed or kv_failed_before
+        msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy, failed)
         await link.send(pipe.encode(msg), out.value)
     if handoff is not None:
         handoff.add(time.perf_counter() - started)
@@ -104,7 +108,7 @@ async def _serve(
         header, payload = await inbound.recv()
         msg = pipe.decode(header)
         match msg:
-            case pipe.Activations(plan_bytes, dtype, _, slices, busy):
+            case pipe.Activations(plan_bytes, dtype, _, slices, busy, _):
                 try:
                     if slices != launch.slices:
                         raise ValueError(
@@ -120,7 +124,7 @@ async def _serve(
                     logger.error("stage failed", error=why)
                     await report_failure(outbound, why)
                     return StageEnd(False, why)
-                await send_output(outbound, plan_bytes, out, launch, busy, handoff)
+                await send_output(outbound, plan_bytes, out, launch, busy, handoff, msg.kv_failed)
                 if span is not None:
                     span.end()
             case pipe.Hello(token, num_blocks):

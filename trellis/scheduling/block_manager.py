@@ -10,11 +10,21 @@ allocation would let another sequence read KV that is not written yet.
 A freed block keeps its name, so it can still be reused, until it is needed for a fresh
 allocation: free blocks without a name go first, then named ones in LRU order (a sequence's blocks
 are freed tail first, so its shared-prefix head survives longest).
+
+Listeners (``add_listener``) hear every change of the cache's names as a ``BlockEvent``: a block
+REGISTERED (its name enters the cache), EVICTED (its name leaves: the block was taken for fresh
+use), or HIT (a sequence was admitted on cached blocks: their second use). The stage service
+publishes registered/evicted to the global block index, the KV agent offers blocks to the store;
+neither is imported here.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from enum import Enum
 
 from trellis.core import hashing
 from trellis.scheduling.sequence import Sequence
@@ -22,6 +32,22 @@ from trellis.scheduling.sequence import Sequence
 
 class NoFreeBlocksError(RuntimeError):
     """An allocation asked for more blocks than are free (the scheduler checks first)."""
+
+
+class BlockEventKind(Enum):
+    REGISTERED = "registered"
+    EVICTED = "evicted"
+    HIT = "hit"
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    kind: BlockEventKind
+    hashes: tuple[int, ...]
+    parents: tuple[int, ...] = ()  # REGISTERED and HIT: each block's parent name (0 for a first block)
+
+
+BlockListener = Callable[[BlockEvent], None]
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -51,6 +77,17 @@ class BlockManager:
         self._hit_tokens = 0
         self._query_tokens = 0
         self._evictions = 0
+        self._listeners: list[BlockListener] = []
+
+    def add_listener(self, listener: BlockListener) -> None:
+        """Hear every REGISTERED / EVICTED / HIT event from now on (called synchronously: be quick)."""
+        self._listeners.append(listener)
+
+    def _emit(self, kind: BlockEventKind, hashes: list[int], parents: list[int] | None = None) -> None:
+        if hashes and self._listeners:
+            event = BlockEvent(kind, tuple(hashes), tuple(parents or ()))
+            for listener in self._listeners:
+                listener(event)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -84,6 +121,19 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def cached_run(self, hashes: Seq[int]) -> int:
+        """How many leading names of ``hashes`` the cache holds (in use or free)."""
+        n = 0
+        for name in hashes:
+            if name not in self._by_name:
+                break
+            n += 1
+        return n
+
+    def block_of(self, name: int) -> int | None:
+        """The block holding ``name`` now, if any."""
+        return self._by_name.get(name)
 
     def blocks_to_admit(self, prefix: list[int], num_tokens: int) -> int:
         """Free blocks consumed by admitting a sequence with ``num_tokens`` slots on ``prefix``."""
@@ -121,6 +171,9 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._hit_tokens += seq.num_computed_tokens
             self._query_tokens += seq.num_tokens
+        if prefix:
+            names = self._names(seq, len(prefix))
+            self._emit(BlockEventKind.HIT, names[: len(prefix)], [0, *names[: len(prefix) - 1]])
         self.allocate_slots(seq, num_tokens - seq.num_computed_tokens)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[int]:
@@ -138,6 +191,8 @@ class BlockManager:
         if not self.enable_prefix_caching or upto <= seq.num_registered_blocks:
             return
         names = self._names(seq, upto)
+        added: list[int] = []
+        parents: list[int] = []
         for i in range(seq.num_registered_blocks, upto):
             block, name = seq.block_table[i], names[i]
             # Another block may already hold the same content (two sequences computed it at once):
@@ -145,7 +200,10 @@ class BlockManager:
             if name not in self._by_name and self._name[block] is None:
                 self._by_name[name] = block
                 self._name[block] = name
+                added.append(name)
+                parents.append(names[i - 1] if i else 0)
         seq.num_registered_blocks = upto
+        self._emit(BlockEventKind.REGISTERED, added, parents)
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s hold on its blocks; blocks nobody holds become free, keeping their names."""
@@ -159,6 +217,21 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_registered_blocks = 0
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the names of every free block (blocks in use keep theirs); returns how many.
+
+        What vLLM's ``reset_prefix_cache`` does: later prompts recompute (or load from the store)."""
+        dropped = [self._name[b] for b in self._free_named]
+        for block in self._free_named:
+            name = self._name[block]
+            assert name is not None
+            del self._by_name[name]
+            self._name[block] = None
+            self._free_unnamed.append(block)
+        self._free_named.clear()
+        self._emit(BlockEventKind.EVICTED, [n for n in dropped if n is not None])
+        return len(dropped)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _take_fresh(self) -> int:
@@ -171,6 +244,7 @@ class BlockManager:
             del self._by_name[name]
             self._name[block] = None
             self._evictions += 1
+            self._emit(BlockEventKind.EVICTED, [name])
         self._ref[block] = 1
         return block
 

@@ -12,17 +12,27 @@ in flight is preempted by recompute (blocks freed, outputs kept, back to waiting
 never loses its blocks to a newer one, so the oldest always makes progress: no livelock. If the
 only candidate is the needy sequence itself while a newer one is in flight, it waits for that one
 to come back (it becomes the victim) instead of throwing away its own work.
+
+KV from the store: a sequence may arrive with a ``StoreHit`` (a read lease on store slots holding
+blocks of its prompt). At admission, the blocks past its local prefix match that the lease covers
+become fresh blocks of its table, filled by the plan's ``kv_loads`` before any layer runs, and
+count as computed. They are trusted only once the step returns: if a stage reports the copy
+failed, or the lease expired before the step completed (the store may have reused the slots), the
+sequence is reset as if preempted (nothing emitted, no block named) and recomputes without the
+store. Every lease is handed back through ``take_released_leases`` exactly once.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 from trellis.core import log
-from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult
+from trellis.core.plan import KVCopy, NewRequest, SeqStep, StepPlan, StepResult
 from trellis.core.request import RequestLimits, prompt_problem, sampling_problem
 from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import BlockManager, blocks_for
@@ -32,11 +42,12 @@ from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
     SchedulerConfigError,
     SchedulerError,
 )
-from trellis.scheduling.sequence import FinishReason, SeqStatus, Sequence, SeqUpdate
+from trellis.scheduling.sequence import FinishReason, SeqStatus, Sequence, SeqUpdate, StoreHit
 
 logger = log.get(component="scheduler")
 
 _TOKEN_ID_LIMIT = 2**31  # token ids are hashed as int32
+LEASE_MARGIN_S = 2.0  # a store lease closer than this to expiry is not loaded from (recompute)
 
 
 @dataclass
@@ -47,6 +58,9 @@ class _Batch:
     max_seqs: int
     steps: list[SeqStep] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
+    loads: list[KVCopy] = field(default_factory=list)
+    slab: str = ""  # the store slab of this batch's loads (one per plan)
+    load_hits: list[tuple[int, StoreHit]] = field(default_factory=list)  # (seq id, its lease)
 
     @property
     def full(self) -> bool:
@@ -54,8 +68,14 @@ class _Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: unix seconds, the clock store leases expire by."""
         self.config = config
+        self._clock = clock
+        self._loads: dict[int, list[tuple[int, StoreHit]]] = {}  # step id -> the leases it loaded from
+        self._released: list[str] = []  # lease ids done with, for the KV agent to release
+        self._loaded_blocks = 0
+        self._voided_loads = 0
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching, config.cache_key
         )
@@ -79,12 +99,32 @@ class Scheduler:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add(self, seq_id: int, prompt_ids: SequenceOf[int], sampling: SamplingParams) -> None:
+    def add(
+        self,
+        seq_id: int,
+        prompt_ids: SequenceOf[int],
+        sampling: SamplingParams,
+        store_hit: StoreHit | None = None,
+    ) -> None:
         """Queue a request; raises InvalidRequestError (a ValueError) if it can never be served."""
-        cfg = self.config
         prompt = tuple(prompt_ids)
         if seq_id in self._seqs:
             raise InvalidRequestError(f"seq {seq_id} is already scheduled")
+        self.check(prompt, sampling)
+        seq = Sequence(
+            seq_id=seq_id,
+            prompt_ids=prompt,
+            sampling=sampling,
+            arrival=self._next_arrival,
+            store_hit=store_hit,
+        )
+        self._next_arrival += 1
+        self._seqs[seq_id] = seq
+        self._waiting.append(seq)  # newest arrival: the end keeps the list sorted
+
+    def check(self, prompt: tuple[int, ...], sampling: SamplingParams) -> None:
+        """Raise InvalidRequestError if this request could never be served (add() checks it too)."""
+        cfg = self.config
         # The one validator's rules (trellis.core.request), with the limits the scheduler knows: a
         # caller that skipped validation still cannot queue what could never be served.
         limits = RequestLimits(vocab_size=_TOKEN_ID_LIMIT, max_model_len=cfg.max_model_len)
@@ -99,10 +139,6 @@ class Scheduler:
             raise InvalidRequestError(
                 f"prompt of {len(prompt)} tokens needs {need} KV blocks, the cache holds {cfg.num_blocks}"
             )
-        seq = Sequence(seq_id=seq_id, prompt_ids=prompt, sampling=sampling, arrival=self._next_arrival)
-        self._next_arrival += 1
-        self._seqs[seq_id] = seq
-        self._waiting.append(seq)  # newest arrival: the end keeps the list sorted
 
     def abort(self, seq_id: int) -> None:
         """Drop a request: now if it is not in flight, else when its step comes back."""
@@ -154,11 +190,33 @@ class Scheduler:
             new_requests=tuple(batch.new_requests),
             finished=tuple(self._pending_finished),
             decode_steps=burst,
+            kv_loads=tuple(batch.loads),
+            kv_slab=batch.slab,
         )
         self._pending_finished.clear()
         self._outstanding[step_id] = plan.seqs
         self._bursts[step_id] = burst
+        if batch.load_hits:
+            self._loads[step_id] = batch.load_hits
         return plan
+
+    def copy_only_plan(self) -> StepPlan | None:
+        """A plan that feeds no sequence (for KV copies the head attaches while nothing else runs),
+        or None when max_in_flight plans are out."""
+        if len(self._outstanding) >= self.config.max_in_flight:
+            return None
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        plan = StepPlan(step_id=step_id, seqs=(), finished=tuple(self._pending_finished))
+        self._pending_finished.clear()
+        self._outstanding[step_id] = ()
+        self._bursts[step_id] = 1
+        return plan
+
+    def take_released_leases(self) -> list[str]:
+        """Store leases no sequence needs any more (loaded and checked, or never used), once each."""
+        out, self._released = self._released, []
+        return out
 
     def complete(self, result: StepResult) -> list[SeqUpdate]:
         """Apply a step's sampled ids; returns one update per sampled live sequence, in plan order."""
@@ -169,10 +227,14 @@ class Scheduler:
         sampled = self._check_result(result, steps, burst)
         del self._outstanding[result.step_id]
         del self._bursts[result.step_id]
+        void = self._void_loads(result)
         updates: list[SeqUpdate] = []
         for step in steps:
             seq = self._seqs[step.seq_id]
             seq.in_flight = False
+            if seq.seq_id in void:
+                self._reset_void(seq)
+                continue
             seq.num_computed_tokens += len(step.token_ids) + burst - 1  # a burst fed its own tokens
             if burst == 1:
                 self.block_manager.register_computed(seq)  # the step completed on every stage
@@ -198,6 +260,25 @@ class Scheduler:
 
     # -- introspection ---------------------------------------------------------------------------
 
+    def _void_loads(self, result: StepResult) -> set[int]:
+        """The sequences of this step whose store loads cannot be trusted (see the module doc)."""
+        hits = self._loads.pop(result.step_id, [])
+        if not hits:
+            return set()
+        now = self._clock()
+        self._released.extend(hit.lease_id for _, hit in hits)
+        return {sid for sid, hit in hits if result.kv_failed or now >= hit.expires_at}
+
+    def _reset_void(self, seq: Sequence) -> None:
+        self._voided_loads += 1
+        logger.warning("store load voided; recomputing", seq_id=seq.seq_id)
+        if seq.abort_requested:
+            self._finish(seq, FinishReason.ABORT)
+            return
+        self._preempt(seq)
+        seq.num_preemptions -= 1  # not a preemption: counted as a voided load
+        self._num_preemptions -= 1
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._outstanding)
 
@@ -217,6 +298,8 @@ class Scheduler:
             "preemptions": self._num_preemptions,
             "steps_issued": self._next_step_id,
             "pending_finished": len(self._pending_finished),
+            "store_loaded_blocks": self._loaded_blocks,
+            "store_voided_loads": self._voided_loads,
             **self.block_manager.stats(),
         }
 
@@ -248,18 +331,52 @@ class Scheduler:
     def _admit(self, batch: _Batch, seq: Sequence) -> bool:
         """Start (or restart) a waiting sequence with its first chunk, if its blocks are free."""
         bm = self.block_manager
+        size = self.config.block_size
         prefix = bm.match_prefix(seq)
-        cached = len(prefix) * self.config.block_size
+        loaded = self._store_blocks(seq, len(prefix), batch.slab)
+        cached = (len(prefix) + loaded) * size
         num_new = min(seq.num_tokens - cached, batch.budget)
         reserve = self._watermark if self._running else 0
         if bm.blocks_to_admit(prefix, cached + num_new) + reserve > bm.num_free_blocks:
             return False
         bm.admit(seq, prefix, cached + num_new)
+        hit, seq.store_hit = seq.store_hit, None
+        if loaded:
+            assert hit is not None
+            at = len(prefix) - hit.first_block
+            batch.loads.append(
+                KVCopy(
+                    tuple(seq.block_table[len(prefix) : len(prefix) + loaded]), hit.slots[at : at + loaded]
+                )
+            )
+            batch.load_hits.append((seq.seq_id, hit))
+            batch.slab = hit.slab
+            seq.num_computed_tokens = cached
+            self._loaded_blocks += loaded
+        elif hit is not None:
+            self._released.append(hit.lease_id)  # its blocks are cached here already, or it expired
+        if not seq.announced:
+            seq.num_cached_tokens = cached
         self._waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         bisect.insort(self._running, seq, key=lambda s: s.arrival)
         self._add_to_batch(batch, seq, num_new)
         return True
+
+    def _store_blocks(self, seq: Sequence, local: int, batch_slab: str) -> int:
+        """Blocks past the local match ``local`` that the sequence's store lease covers and that are
+        safe to load: the lease must outlive the step by LEASE_MARGIN_S, its slab must be the one
+        of the batch's other loads (a plan names one), and one prompt token is always left to
+        compute (its logits give the next token)."""
+        hit = seq.store_hit
+        if hit is None or not hit.first_block <= local < hit.end_block:
+            return 0
+        if batch_slab and hit.slab != batch_slab:
+            return 0
+        if hit.expires_at - self._clock() < LEASE_MARGIN_S:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.config.block_size
+        return max(0, min(hit.end_block, max_blocks) - local)
 
     def _add_to_batch(self, batch: _Batch, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens
@@ -341,6 +458,9 @@ class Scheduler:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.store_hit is not None:  # finished (aborted) before it was admitted
+            self._released.append(seq.store_hit.lease_id)
+            seq.store_hit = None
         self.block_manager.free(seq)
         if seq.status is SeqStatus.RUNNING:
             self._running.remove(seq)

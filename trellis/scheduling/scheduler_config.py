@@ -34,7 +34,7 @@ class SchedulerConfig:
     # run up to this many tokens per sequence on the device before the host looks again.
     decode_burst: int = 1
     admission_watermark: float = 0.01  # share of blocks kept free when admitting beside running seqs
-    cache_key: str | None = None  # mixed into block names (e.g. the model id)
+    cache_key: str | None = None  # roots every block name: the KVFingerprint key (trellis.core.kv_names)
 
     def __post_init__(self) -> None:
         problems = [
@@ -63,6 +63,7 @@ def scheduler_config(
     max_model_len: int,
     eos_token_ids: Sequence[int],
     num_stages: int,
+    cache_key: str | None = None,
 ) -> SchedulerConfig:
     """The head's scheduler settings: the engine's knobs under the same names, plus what the ring
     agreed on (num_blocks: its stages' minimum) and what the model says."""
@@ -76,4 +77,5 @@ def scheduler_config(
         enable_prefix_caching=engine.enable_prefix_caching,
         max_in_flight=engine.in_flight(num_stages),
         decode_burst=engine.decode_burst,
+        cache_key=cache_key,
     )

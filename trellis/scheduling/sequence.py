@@ -35,6 +35,22 @@ class SeqUpdate:
     finish_reason: FinishReason | None = None
 
 
+@dataclass(frozen=True)
+class StoreHit:
+    """A read lease the KV store granted on blocks [first_block, first_block + len(slots)) of a
+    sequence's prompt: block first_block + i is in store slot slots[i] until expires_at (unix s)."""
+
+    lease_id: str
+    first_block: int
+    slots: tuple[int, ...]
+    expires_at: float
+    slab: str  # the store instance's slab file the slots are in
+
+    @property
+    def end_block(self) -> int:
+        return self.first_block + len(self.slots)
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -55,6 +71,8 @@ class Sequence:
     abort_requested: bool = False  # aborted while in flight: finish when its step returns
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    store_hit: StoreHit | None = None  # a store lease to load from at admission (then dropped)
+    num_cached_tokens: int = 0  # of the prompt, found cached at first admission (local + store)
 
     @property
     def num_tokens(self) -> int:

@@ -24,6 +24,7 @@ class Activations:
     shape: tuple[int, ...]  # of the whole hidden states [tokens, hidden]
     slices: int = 1  # > 1: the payload is columns [0, hidden / slices); the rest go rank to rank
     stage_busy_s: tuple[float, ...] = ()  # compute seconds of each stage so far, stage 0 first
+    kv_failed: bool = False  # a stage so far could not make the plan's KV copies
 
     @property
     def payload_shape(self) -> tuple[int, ...]:
@@ -74,10 +75,10 @@ PipeMessage = Activations | HiddenSlice | Result | Stop | PipeError | Hello
 
 def encode(msg: PipeMessage) -> bytes:
     match msg:
-        case Activations(plan, dtype, shape, slices, busy):
+        case Activations(plan, dtype, shape, slices, busy, kv_failed):
             pb = plan_pb2.PipeMessage(
                 activations=plan_pb2.Activations(
-                    plan=plan, dtype=dtype, shape=shape, slices=slices, stage_busy_s=busy
+                    plan=plan, dtype=dtype, shape=shape, slices=slices, stage_busy_s=busy, kv_failed=kv_failed
                 )
             )
         case HiddenSlice(step_id, rank, dtype, shape):
@@ -104,7 +105,9 @@ def decode(data: bytes) -> PipeMessage:
     match pb.WhichOneof("body"):
         case "activations":
             a = pb.activations
-            return Activations(a.plan, a.dtype, tuple(a.shape), a.slices or 1, tuple(a.stage_busy_s))
+            return Activations(
+                a.plan, a.dtype, tuple(a.shape), a.slices or 1, tuple(a.stage_busy_s), a.kv_failed
+            )
         case "slice":
             h = pb.slice
             return HiddenSlice(h.step_id, h.rank, h.dtype, tuple(h.shape))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from trellis.core.plan import NewRequest, SeqStep, StepPlan, StepResult, TokenLogprob
+from trellis.core.plan import KVCopy, NewRequest, SeqStep, StepPlan, StepResult, TokenLogprob
 from trellis.core.sampling import SamplingParams
 from trellis.v1 import plan_pb2, sampling_pb2
 
@@ -80,6 +80,9 @@ def plan_to_pb(plan: StepPlan) -> plan_pb2.StepPlan:
         finished=plan.finished,
         return_logits=plan.return_logits,
         decode_steps=plan.decode_steps,
+        kv_slab=plan.kv_slab,
+        kv_loads=[plan_pb2.KVCopy(block_ids=c.block_ids, slots=c.slots) for c in plan.kv_loads],
+        kv_saves=[plan_pb2.KVCopy(block_ids=c.block_ids, slots=c.slots) for c in plan.kv_saves],
     )
 
 
@@ -105,7 +108,16 @@ def plan_from_pb(m: plan_pb2.StepPlan) -> StepPlan:
         finished=tuple(m.finished),
         return_logits=m.return_logits,
         decode_steps=m.decode_steps or 1,
+        kv_slab=m.kv_slab,
+        kv_loads=tuple(_copy_from_pb(c) for c in m.kv_loads),
+        kv_saves=tuple(_copy_from_pb(c) for c in m.kv_saves),
     )
+
+
+def _copy_from_pb(m: plan_pb2.KVCopy) -> KVCopy:
+    if len(m.block_ids) != len(m.slots):
+        raise ValueError(f"a KV copy lists {len(m.block_ids)} blocks but {len(m.slots)} store slots")
+    return KVCopy(tuple(m.block_ids), tuple(m.slots))
 
 
 def encode_plan(plan: StepPlan) -> bytes:
@@ -130,6 +142,7 @@ def result_to_pb(r: StepResult) -> plan_pb2.StepResult:
             for i, lp in enumerate(r.logprobs)
             if lp is not None
         ],
+        kv_failed=r.kv_failed,
     )
 
 
@@ -146,4 +159,5 @@ def result_from_pb(m: plan_pb2.StepResult) -> StepResult:
         token_ids=token_ids,
         steps=m.steps or 1,
         logprobs=tuple(logprobs),
+        kv_failed=m.kv_failed,
     )

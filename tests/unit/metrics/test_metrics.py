@@ -145,6 +145,10 @@ class Figures:
     handoff_bytes_sent: int = 4096
     handoff_bytes_received: int = 128
     handoff_seconds: float = 0.25
+    store_loaded_blocks: int = 12
+    store_voided_loads: int = 1
+    store_committed_blocks: int = 30
+    store_errors: int = 2
 
 
 class FakeClock:
@@ -190,6 +194,10 @@ def test_the_head_reports_its_scheduler_blocks_prefix_cache_and_bubble() -> None
     assert got[key("trellis:prefix_cache_queries_total", me)] == 40
     assert got[key("trellis:prefix_cache_hits_total", me)] == 16
     assert got[key("trellis:num_preemptions_total", me)] == 1
+    assert got[key("trellis:kv_store_loaded_blocks_total", me)] == 12
+    assert got[key("trellis:kv_store_voided_loads_total", me)] == 1
+    assert got[key("trellis:kv_store_committed_blocks_total", me)] == 30
+    assert got[key("trellis:kv_store_errors_total", me)] == 2
     assert got[key("trellis:stage_busy_seconds_total", me)] == 0.5
     assert got[key("trellis:stage_busy_seconds_total", (*me[:2], ("stage", "1")))] == 0.3
     assert got[key("trellis:handoff_bytes_total", (*me, ("direction", "sent")))] == 4096

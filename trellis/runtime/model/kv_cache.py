@@ -1,6 +1,11 @@
 """The paged KV cache of one stage on one rank: per layer, K and V of shape
 [num_blocks, block_size, kv_heads_local, head_dim]. A sequence's block table maps its positions to
 slots: the token at position p lives at slot ``table[p // block_size] * block_size + p % block_size``.
+
+Every layer's K and V are views of ONE tensor ``data`` of shape
+[layers, 2, num_blocks, block_size, kv_heads_local, head_dim], so a request's blocks for every
+layer are gathered (or scattered) in one indexing operation over dim 2 (trellis/runtime/kv_copy.py),
+not a loop over layers or blocks; each layer's K (or V) is still one contiguous tensor for the kernels.
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ class KVCache:
         self.first_layer = layers[0]
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, cfg.kv_heads_per_rank(tp), cfg.head_dim)
         count = layers[1] - layers[0]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(count)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(count)]
+        shape = (count, 2, num_blocks, block_size, cfg.kv_heads_per_rank(tp), cfg.head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = [self.data[i, 0] for i in range(count)]
+        self.v = [self.data[i, 1] for i in range(count)]
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V caches of a layer, by its global index."""

@@ -1,0 +1,135 @@
+"""Copies between this rank's KV cache and the KV store's slab: one gather or scatter per step.
+
+The slab (trellis/core/kv_store_api.py) is a shared-memory file of slots, each one block of the
+whole model ``[layers, K|V, block_size, kv_heads, head_dim]``; this rank owns layers [l0, l1) and
+KV heads [h0, h1) of it. The cache is block-major (trellis/runtime/model/kv_cache.py), so
+
+    save: staged = cache.data.permute(2, 0, 1, 3, 4, 5)[blocks]    # [n, layers, 2, B, heads, D], one gather
+          slab[slots, l0:l1, :, :, h0:h1] = staged                  # host; one DMA per run of slots
+    load: the reverse, one scatter (index_put) into the cache.
+
+When this rank holds the whole slot (one stage, TP 1) a run of consecutive slots is one contiguous
+span of the slab, copied as one transfer; otherwise each run is a strided copy. On CUDA the slab is
+registered as pinned memory, so the transfers run at the host link's rate and do not block the host.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+
+import torch
+
+from trellis.core.kv_store_api import SlotLayout
+from trellis.core.plan import KVCopy
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SlabError(RuntimeError):
+    """The slab cannot be mapped, or a copy names a slot outside it."""
+
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first index in ``slots``, first slot, length) of each run of consecutive slot numbers."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == s:
+            first, start, n = runs[-1]
+            runs[-1] = (first, start, n + 1)
+        else:
+            runs.append((i, s, 1))
+    return runs
+
+
+class SlabView:
+    """The store's slab mapped into this process, as a tensor [num_slots, *layout.shape]."""
+
+    def __init__(self, path: str, layout: SlotLayout, device: torch.device) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise SlabError(f"cannot open the KV store's slab {path}: {e.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < layout.slot_bytes:
+                raise SlabError(f"the KV store's slab {path} holds no whole slot ({size} bytes)")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.num_slots = size // layout.slot_bytes
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=self.num_slots * layout.slot_bytes)
+        self.slots = raw.view(_TORCH_DTYPES[layout.dtype]).view(self.num_slots, *layout.shape)
+        self._pinned = False
+        if device.type == "cuda":  # page-locked: DMA at the link's rate, and non_blocking copies
+            ptr, nbytes = raw.data_ptr(), raw.numel()
+            self._pinned = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0) == 0
+
+    def close(self) -> None:
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
+            self._pinned = False
+        del self.slots
+        self._map.close()
+
+
+class RankSlice:
+    """This rank's part of a slot: layers [l0, l1) and KV heads [h0, h1) of the model's."""
+
+    def __init__(self, layers: tuple[int, int], heads: tuple[int, int], layout: SlotLayout) -> None:
+        self.layers, self.heads = layers, heads
+        self.whole = layers == (0, layout.num_layers) and heads == (0, layout.num_kv_heads)
+
+    def of(self, slots: torch.Tensor) -> torch.Tensor:
+        """``slots`` [n, L, 2, B, H, D] -> this rank's view [n, l1 - l0, 2, B, h1 - h0, D]."""
+        (l0, l1), (h0, h1) = self.layers, self.heads
+        return slots if self.whole else slots[:, l0:l1, :, :, h0:h1]
+
+
+def _check(copies: Sequence[KVCopy], num_blocks: int, num_slots: int) -> tuple[list[int], list[int]]:
+    blocks = [b for c in copies for b in c.block_ids]
+    slots = [s for c in copies for s in c.slots]
+    if len(blocks) != len(slots):
+        raise SlabError(f"a KV copy lists {len(blocks)} blocks but {len(slots)} slots")
+    if any(not 0 <= b < num_blocks for b in blocks):
+        raise SlabError(f"a KV copy names a cache block outside [0, {num_blocks})")
+    if any(not 0 <= s < num_slots for s in slots):
+        raise SlabError(f"a KV copy names a store slot outside [0, {num_slots})")
+    return blocks, slots
+
+
+def save_blocks(
+    cache: torch.Tensor, slab: SlabView, part: RankSlice, copies: Sequence[KVCopy], num_blocks: int
+) -> int:
+    """Copy the listed cache blocks out to their slots (this rank's part). Returns bytes moved.
+
+    ``cache``: the block-major [layers, 2, blocks, B, heads, D] tensor. On CUDA the copies are
+    queued on the current stream; the step's closing sync makes them complete.
+    """
+    blocks, slots = _check(copies, num_blocks, slab.num_slots)
+    if not blocks:
+        return 0
+    ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
+    staged = cache.permute(2, 0, 1, 3, 4, 5)[ids]  # one gather: [n, layers, 2, B, heads, D]
+    for first, start, n in slot_runs(slots):
+        part.of(slab.slots[start : start + n]).copy_(staged[first : first + n], non_blocking=slab._pinned)
+    return staged.numel() * staged.element_size()
+
+
+def load_blocks(
+    cache: torch.Tensor, slab: SlabView, part: RankSlice, copies: Sequence[KVCopy], num_blocks: int
+) -> int:
+    """Fill the listed cache blocks from their slots (this rank's part). Returns bytes moved."""
+    blocks, slots = _check(copies, num_blocks, slab.num_slots)
+    if not blocks:
+        return 0
+    runs = slot_runs(slots)
+    pieces = [part.of(slab.slots[start : start + n]) for _, start, n in runs]
+    if cache.device.type == "cuda":
+        pieces = [p.to(cache.device, non_blocking=slab._pinned) for p in pieces]
+    staged = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
+    cache.permute(2, 0, 1, 3, 4, 5)[ids] = staged.to(cache.dtype)  # one scatter into the cache
+    return staged.numel() * staged.element_size()
