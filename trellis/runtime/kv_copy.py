@@ -11,6 +11,10 @@ KV heads [h0, h1) of it. The cache is block-major (trellis/runtime/model/kv_cach
 When this rank holds the whole slot (one stage, TP 1) a run of consecutive slots is one contiguous
 span of the slab, copied as one transfer; otherwise each run is a strided copy. On CUDA the slab is
 registered as pinned memory, so the transfers run at the host link's rate and do not block the host.
+
+On CPU there is no device to stage on: each block is copied straight between its cache rows and its
+slot, one strided copy of a whole block (all layers: ~2 MiB for an 8B model), which runs at memcpy
+speed, where advanced indexing over the permuted cache ran at ~2 GB/s (bench/kv_store_bench.py).
 """
 
 from __future__ import annotations
@@ -111,6 +115,10 @@ def save_blocks(
     blocks, slots = _check(copies, num_blocks, slab.num_slots)
     if not blocks:
         return 0
+    if cache.device.type == "cpu":
+        for b, s in zip(blocks, slots, strict=True):
+            part.of(slab.slots[s : s + 1])[0].copy_(cache[:, :, b])
+        return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
     staged = cache.permute(2, 0, 1, 3, 4, 5)[ids]  # one gather: [n, layers, 2, B, heads, D]
     for first, start, n in slot_runs(slots):
@@ -125,6 +133,10 @@ def load_blocks(
     blocks, slots = _check(copies, num_blocks, slab.num_slots)
     if not blocks:
         return 0
+    if cache.device.type == "cpu":
+        for b, s in zip(blocks, slots, strict=True):
+            cache[:, :, b].copy_(part.of(slab.slots[s : s + 1])[0])
+        return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
     runs = slot_runs(slots)
     pieces = [part.of(slab.slots[start : start + n]) for _, start, n in runs]
     if cache.device.type == "cuda":
