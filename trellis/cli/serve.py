@@ -5,13 +5,15 @@ CPU; or the planner's choice with --plan), picks the ports (the router's gRPC 50
 API's 8000 unless they are taken), prints the spec it made (--write-spec keeps it: `trellis up FILE`
 runs the same mesh) and runs the mesh until Ctrl-C, as `trellis up` does. The clients' API key
 reaches the router through the environment variable router.api_key_env names, never the spec.
-With no model on CPU it serves the demo model.
+With no model on CPU it serves the demo model. --kv-store-bytes N adds the KV cache store (N bytes
+of host memory, optionally a disk tier), which the replicas share through shared memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -20,7 +22,7 @@ import yaml
 
 from trellis.cli.up import DEFAULT_HTTP_PORT, add_log_level, fail, run_mesh, say, set_log_level
 from trellis.core.errors import ConfigError
-from trellis.core.spec import DeploySpec
+from trellis.core.spec import KV_WRITE_POLICIES, ROUTER_POLICIES, DeploySpec, KVStoreSpec
 
 if TYPE_CHECKING:
     from trellis.deploy.mesh import Mesh
@@ -47,6 +49,42 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is a GPU")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on CPU")
     p.add_argument("--max-model-len", type=int)
+    kv = p.add_argument_group(
+        "KV cache store",
+        "a cache of prompts' KV blocks shared by the replicas, behind their own prefix caches (like "
+        "vLLM's CPU offloading / LMCache): a prompt prefix computed once is copied in, not recomputed",
+    )
+    kv.add_argument(
+        "--kv-store-bytes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="host memory for the store, in bytes (e.g. 4294967296 for 4 GiB; default 0: no store)",
+    )
+    kv.add_argument(
+        "--kv-store-disk",
+        metavar="DIR",
+        help="also keep the store's blocks on disk in DIR (kept across restarts; default: memory only)",
+    )
+    kv.add_argument(
+        "--kv-store-disk-bytes",
+        type=int,
+        metavar="N",
+        help="the most bytes the store keeps in --kv-store-disk (default 0: no limit of its own)",
+    )
+    kv.add_argument(
+        "--kv-write-policy",
+        choices=KV_WRITE_POLICIES,
+        help="which blocks go to the store: second-use (a block reused once more, the default) or "
+        "write-through (every full block)",
+    )
+    p.add_argument(
+        "--router-policy",
+        choices=ROUTER_POLICIES,
+        default="least-load",
+        help="how the router picks a replica: least-load (the default), or kv-aware (the one that "
+        "holds most of the prompt's KV cache, itself or in the store, weighed against its load)",
+    )
     p.add_argument("--write-spec", metavar="FILE", help="keep the spec it made (for `trellis up FILE`)")
     p.add_argument("--log-dir", help="write each service's logs to DIR/NAME.log instead of this terminal")
     add_log_level(p)
@@ -101,6 +139,7 @@ def build_spec(args: argparse.Namespace) -> DeploySpec:
         if problem := model_dir_problem(model):
             raise ConfigError(problem)
     layout = _layout(args, device, model)
+    kv_store = _kv_store(args)
     spec = local_spec(
         model,
         preset=args.preset,
@@ -117,11 +156,39 @@ def build_spec(args: argparse.Namespace) -> DeploySpec:
         http_port=_port(args.host, args.http_port, DEFAULT_HTTP_PORT, "--http-port", "the HTTP API"),
         metrics=bool(args.metrics_port),
         served_model_name=args.served_model_name,
+        kv_store=kv_store,
+        router_policy=args.router_policy,
     )
     if args.metrics_port:
         spec = replace(spec, router=replace(spec.router, metrics_port=args.metrics_port))
     spec.check_model()  # the layout against the model: one line naming the field
     return spec
+
+
+def _kv_store(args: argparse.Namespace) -> KVStoreSpec | None:
+    """The KV store the --kv-store-* flags ask for (None: --kv-store-bytes 0, no store)."""
+    size = args.kv_store_bytes
+    if size < 0:
+        raise ConfigError(f"--kv-store-bytes must be >= 0, got {size}")
+    if args.kv_store_disk_bytes is not None and args.kv_store_disk_bytes < 0:
+        raise ConfigError(f"--kv-store-disk-bytes must be >= 0, got {args.kv_store_disk_bytes}")
+    if args.kv_store_disk_bytes is not None and not args.kv_store_disk:
+        raise ConfigError("--kv-store-disk-bytes needs --kv-store-disk DIR (where the blocks go)")
+    if not size:
+        for flag, value in (
+            ("--kv-store-disk", args.kv_store_disk),
+            ("--kv-write-policy", args.kv_write_policy),
+        ):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --kv-store-bytes N (the store's host memory; 0: no store)")
+        return None
+    disk = os.path.abspath(os.path.expanduser(args.kv_store_disk)) if args.kv_store_disk else None
+    return KVStoreSpec(
+        capacity_bytes=size,
+        disk_path=disk,
+        disk_capacity_bytes=args.kv_store_disk_bytes or 0,
+        write_policy=args.kv_write_policy or KVStoreSpec.write_policy,
+    )
 
 
 def _default_device() -> str:
@@ -178,6 +245,11 @@ def _announce(args: argparse.Namespace):
         base = f"http://{r.host}:{r.http_port}/v1"
         name = mesh.spec.model.name
         say(f"OpenAI-compatible API at {base} (model {name!r}); gRPC at {mesh.router.address}")
+        if mesh.kv_store is not None:
+            kv = mesh.spec.kv_store
+            size = kv.capacity_bytes
+            amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+            say(f"KV store at {mesh.kv_store.address}: {amount} of host memory ({kv.write_policy})")
         body = json.dumps({"model": name, "prompt": "Trellis serves", "max_tokens": 16})
         auth = f" -H {shlex.quote('Authorization: Bearer ' + args.api_key)}" if args.api_key else ""
         json_header = "-H 'Content-Type: application/json'"

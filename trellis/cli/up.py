@@ -1,8 +1,10 @@
 """`trellis up [SPEC]` runs a mesh on this host; `trellis demo` runs the demo mesh for one request.
 
 `run_mesh` is the one run loop (`trellis up` and `trellis serve`): check the spec against this host,
-start, wait until serving, serve until Ctrl-C / SIGTERM or a service dies, stop. A signal during
-start-up stops everything at once rather than after the weights have loaded.
+start, wait until serving, serve until Ctrl-C / SIGTERM or a stage or the router dies, stop. A
+signal during start-up stops everything at once rather than after the weights have loaded. The KV
+store (a spec with `kv_store:`) is the exception: its death is a warning and a restart after a
+backoff while the mesh serves on (the stage workers recompute without it).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def host_problem(spec: DeploySpec) -> str | None:
 
         if problem := cuda_problem(spec):
             return problem
+    if spec.kv_store is not None and not spec.kv_store.port:
+        return "kv_store.port: not set (0): the stage workers dial the store at the spec's host:port"
     return busy_port(spec)
 
 
@@ -123,13 +127,19 @@ def start_mesh(
     with the mesh stopped again."""
     from trellis.deploy.mesh import Mesh, MeshInterrupted
 
-    mesh = Mesh(spec, registry=registry, log_dir=log_dir, env=env)
+    mesh = Mesh(spec, registry=registry, log_dir=log_dir, env=env, warn=lambda m: say(f"warning: {m}"))
     n = len(mesh.stages)
-    say(f"starting {n} stage worker(s) in {len(spec.replicas)} replica(s) and the router; loading weights")
+    store = "the KV store, " if mesh.kv_store is not None else ""
+    reps = len(spec.replicas)
+    say(f"starting {store}{n} stage worker(s) in {reps} replica(s) and the router; loading weights")
     t0 = time.monotonic()
+
+    def progress(m: str) -> None:
+        say(f"{m} (+{time.monotonic() - t0:.1f}s)")
+
     try:
-        mesh.start()
-        mesh.wait_ready(progress=lambda m: say(f"{m} (+{time.monotonic() - t0:.1f}s)"), stop=stop)
+        mesh.start(progress=progress, stop=stop)
+        mesh.wait_ready(progress=progress, stop=stop)
     except MeshInterrupted:
         say("interrupted while starting; stopping everything")
         mesh.stop(timeout=STARTUP_STOP_S)
@@ -161,20 +171,30 @@ def run_mesh(
         return 0
     except MeshError as e:
         return fail(str(e), 1)
-    say(f"serving: router at {mesh.router.address} (Ctrl-C to stop)")
+    say(f"serving: {summary(mesh)} (Ctrl-C to stop)")
     if on_ready is not None:
         on_ready(mesh)
     code = 0
     while not stop.wait(0.5):
-        dead = [s for s in mesh.services if not s.alive()]
-        if dead:
-            say(f"{dead[0].name} exited with code {dead[0].proc.poll()}; stopping everything")
+        if (dead := mesh.tend()) is not None:  # the KV store is restarted there, not fatal
+            say(f"{dead.name} exited with code {dead.proc.poll()}; stopping everything")
             code = 1
             break
     say("draining and stopping")
     mesh.stop()
     say("stopped")
     return code
+
+
+def summary(mesh: Mesh) -> str:
+    """Where the mesh serves: the router, and the KV store when there is one."""
+    out = f"router at {mesh.router.address}"
+    if (kv := mesh.kv_store) is not None:
+        from trellis.deploy.mesh import health
+
+        state = "" if kv.alive() and health(kv.address) else " (not serving yet: the workers recompute)"
+        out += f", KV store {mesh.spec.kv_store.name!r} at {kv.address}{state}"
+    return out
 
 
 def run_up(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Kubernetes manifests for a spec: the spec in a ConfigMap, a StatefulSet and a Service per stage,
-the router (and kv_store) each in a Deployment with a Service, a headless Service for the peers.
+the router in a Deployment with a Service, a headless Service for the peers, and for a spec with
+`kv_store:` the KV store in a StatefulSet of one pod with a headless Service of its own.
 
 Addresses: a process binds and is dialled at the host its spec names, so the ConfigMap holds the
 spec as the cluster sees it (`cluster_view`): each stage's host is its pod's stable DNS name
@@ -14,16 +15,36 @@ Scaling, one number each: more routers are `replicas:` of the router Deployment 
 deployment/trellis-router --replicas=3`); a DP replica is one more entry under `replicas:` in the
 spec, whose stages become StatefulSets of their own (re-render and apply; with a Redis registry the
 routers pick it up as it registers, with the embedded one they read the new ConfigMap on restart).
+The KV store is one pod whatever the number of replicas, with its own resources.
+
+The KV store binds kv_store.host as written, like a stage (only the router is given --host
+$(POD_IP)), so it is a StatefulSet: its pod's stable DNS name (`trellis-kv-store-0.trellis-kv-store.NS
+.svc.cluster.local`) is kv_store.host in the cluster view. Its host tier is an emptyDir in memory at
+kv_store.shm_dir (sizeLimit: capacity_bytes and a margin, counted in the pod's memory request and
+limit); its disk tier a PersistentVolumeClaim of disk_capacity_bytes (an emptyDir when that is 0).
+Shared memory does not cross pods: the stage workers, each in a pod of its own, cannot map the
+store's slab, and serve by recomputing (one log line, a counter). The manifest says so at its top.
+A sidecar store in each stage pod would not do either: the stages of a replica (one pod each) must
+share one store, as the replicas must to share anything.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import yaml
 
 from trellis.core.spec import DeploySpec
-from trellis.deploy.processes import ProcessSpec, isolated_gpus, read_paths, slug, spec_text
+from trellis.deploy.processes import (
+    KV_SHM_MARGIN_BYTES,
+    ProcessSpec,
+    isolated_gpus,
+    kv_shm_bytes,
+    read_paths,
+    slug,
+    spec_text,
+)
 
 CONTAINER_PYTHON = "/opt/venv/bin/python"  # the venv of deploy/docker/Dockerfile.*
 SPEC_DIR = "/etc/trellis"
@@ -31,6 +52,17 @@ CONTAINER_SPEC = f"{SPEC_DIR}/spec.yaml"
 PEERS = "trellis-peers"
 SECRET = ("trellis-api-key", "api-key")
 LOAD_PERIOD_S, LOAD_CHECKS = 10, 60  # up to 10 minutes to load weights before liveness counts
+KV_STORE = "trellis-kv-store"  # its StatefulSet and its headless Service
+KV_PROCESS_BYTES = 1 << 30  # the store's own memory, past its shared-memory slab
+KV_DISK_MARGIN_BYTES = 1 << 30  # the disk tier's file headers and filesystem overhead
+KV_WARNING = """\
+# WARNING: the KV store is read through shared memory, and shared memory does not cross pods.
+# The stage workers map the store's slab ({shm_dir}/trellis-kv-*), which only processes in the
+# store's own pod can see: from their pods they cannot use this store, and serve by recomputing
+# (as with a store that is down). For the shared-memory path the store must run in the same pod
+# as the stage workers it serves (their containers in this pod, mounting kv-shm at {shm_dir}), or
+# run the mesh on one host (`trellis up`, `trellis deploy compose` or `systemd`).
+"""
 
 
 def stage_host(replica: str, stage: int, namespace: str) -> str:
@@ -52,7 +84,18 @@ def cluster_view(spec: DeploySpec, namespace: str = "default") -> DeploySpec:
         for rep in spec.replicas
     )
     router = replace(spec.router, host=f"trellis-router.{namespace}.svc.cluster.local")
-    return isolated_gpus(replace(spec, replicas=reps, router=router))
+    kv = spec.kv_store and replace(spec.kv_store, host=kv_store_host(namespace))
+    return isolated_gpus(replace(spec, replicas=reps, router=router, kv_store=kv))
+
+
+def kv_store_host(namespace: str) -> str:
+    """The stable DNS name of the KV store's pod (pod 0 of its StatefulSet, under its Service)."""
+    return f"{KV_STORE}-0.{KV_STORE}.{namespace}.svc.cluster.local"
+
+
+def _mi(n: int) -> str:
+    """A byte count as a Kubernetes quantity, rounded up to MiB."""
+    return f"{math.ceil(n / 2**20)}Mi"
 
 
 def render(
@@ -90,7 +133,9 @@ def render(
         name = f"trellis-{p.slug}"
         pod = _pod(spec, p, image, meta)
         labels = meta.selector(p)
-        if p.kind == "stage":
+        if p.kind == "kv_store":
+            workload = _kv_store_set(spec, name, pod, labels, meta)
+        elif p.kind == "stage":
             workload = {
                 "apiVersion": "apps/v1",
                 "kind": "StatefulSet",
@@ -131,10 +176,43 @@ def render(
                 ],
             },
         }
-        files[f"{p.kind.replace('_', '-')}-{p.slug}.yaml" if p.kind == "stage" else f"{p.slug}.yaml"] = _dump(
-            workload, service
-        )
+        if p.kind == "kv_store":
+            # Headless, published before ready: the pod binds its own DNS name while it starts, as
+            # a stage does (the stage workers dial that name; none waits for the store's health).
+            service["spec"] |= {"clusterIP": "None", "publishNotReadyAddresses": True}
+        text = _dump(workload, service)
+        if p.kind == "kv_store":
+            assert spec.kv_store is not None
+            text = KV_WARNING.format(shm_dir=spec.kv_store.shm_dir) + text
+        files[f"{p.kind.replace('_', '-')}-{p.slug}.yaml" if p.kind == "stage" else f"{p.slug}.yaml"] = text
     return files
+
+
+def _kv_store_set(spec: DeploySpec, name: str, pod: dict, labels: dict, meta: _Meta) -> dict:
+    """The KV store's StatefulSet: one pod (one store per spec: its name, slab and disk tier are
+    the spec's), scaled apart from the stages; its disk tier a claim of its own when sized."""
+    kv = spec.kv_store
+    assert kv is not None
+    out: dict = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta.of(name, "kv_store"),
+        "spec": {
+            "replicas": 1,
+            "serviceName": KV_STORE,
+            "selector": {"matchLabels": labels},
+            "template": pod,
+        },
+    }
+    if kv.disk_path and kv.disk_capacity_bytes:
+        storage = _mi(kv.disk_capacity_bytes + KV_DISK_MARGIN_BYTES)
+        out["spec"]["volumeClaimTemplates"] = [
+            {
+                "metadata": {"name": "kv-disk"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage}}},
+            }
+        ]
+    return out
 
 
 class _Meta:
@@ -143,7 +221,7 @@ class _Meta:
         self.base = {"app.kubernetes.io/name": "trellis"}
 
     def of(self, name: str, component: str) -> dict:
-        labels = {**self.base, "app.kubernetes.io/component": component}
+        labels = {**self.base, "app.kubernetes.io/component": component.replace("_", "-")}
         return {"name": name, "namespace": self.namespace, "labels": labels}
 
     def selector(self, p: ProcessSpec) -> dict[str, str]:
@@ -189,6 +267,8 @@ def _pod(spec: DeploySpec, p: ProcessSpec, image: str, meta: _Meta) -> dict:
         "livenessProbe": probe(3),
         "volumeMounts": mounts,
     }
+    if p.kind == "kv_store":
+        _kv_store_volumes(spec, container, volumes)
     if p.gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": len(p.gpus)}}
         # NCCL between the pod's TP ranks uses shared memory, far past the default 64 MB /dev/shm.
@@ -198,6 +278,22 @@ def _pod(spec: DeploySpec, p: ProcessSpec, image: str, meta: _Meta) -> dict:
         "metadata": {"labels": meta.selector(p)},
         "spec": {"terminationGracePeriodSeconds": 60, "containers": [container], "volumes": volumes},
     }
+
+
+def _kv_store_volumes(spec: DeploySpec, container: dict, volumes: list[dict]) -> None:
+    """The store's slab in memory at shm_dir, its disk tier at disk_path, and the memory they take
+    in its requests and limits (an emptyDir in memory counts as the pod's memory)."""
+    kv = spec.kv_store
+    assert kv is not None
+    mounts = container["volumeMounts"]
+    mounts.append({"name": "kv-shm", "mountPath": kv.shm_dir})
+    volumes.append({"name": "kv-shm", "emptyDir": {"medium": "Memory", "sizeLimit": _mi(kv_shm_bytes(spec))}})
+    if kv.disk_path:
+        mounts.append({"name": "kv-disk", "mountPath": kv.disk_path})
+        if not kv.disk_capacity_bytes:  # no size to claim: the node's disk, lost with the pod
+            volumes.append({"name": "kv-disk", "emptyDir": {}})
+    memory = _mi(kv.capacity_bytes + KV_SHM_MARGIN_BYTES + KV_PROCESS_BYTES)
+    container["resources"] = {"requests": {"cpu": "1", "memory": memory}, "limits": {"memory": memory}}
 
 
 class _Dumper(yaml.SafeDumper):

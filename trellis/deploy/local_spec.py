@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from trellis.core.engine_config import EngineConfig
 from trellis.core.handoff_rules import handoff_ranks
 from trellis.core.layout import split_layers
 from trellis.core.model_config import load_model_source
 from trellis.core.net import free_port_runs
-from trellis.core.spec import DeploySpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
+from trellis.core.spec import DeploySpec, KVStoreSpec, ModelSpec, ReplicaSpec, RouterSpec, StageSpec
 from trellis.wire.server import bind_problem
 
 LOCAL_HOST = "127.0.0.1"
@@ -36,16 +37,21 @@ def local_spec(
     metrics: bool = False,
     served_model_name: str | None = None,
     gpus: tuple[int, ...] = (),
+    kv_store: KVStoreSpec | None = None,
+    router_policy: str = "least-load",
 ) -> DeploySpec:
     """A model directory, or a preset (dummy weights, for benchmarks). A port given as 0 is picked
     free; the HTTP API (`http`) and /metrics on every service (`metrics`) are off unless asked for.
-    On cuda, stage s of replica r takes the next `tp` of `gpus` (default 0, 1, ...)."""
+    On cuda, stage s of replica r takes the next `tp` of `gpus` (default 0, 1, ...). `kv_store`
+    (its sizes and policies; None: no store) runs on 127.0.0.1 with its ports placed as the
+    others' (no UCX port: its workers are on this host and read its slab through shared memory)."""
     cfg = load_model_source(model_path, preset)
     layers = split_layers(cfg.num_hidden_layers, stages)
     # Per stage: control, UCX (TP rank r of a multi-stage replica listens on ucx_port + r), rendezvous.
     ucx_run = handoff_ranks(tp, stages)
-    n_metrics = (1 + replicas * stages) if metrics else 0
-    runs = [1] + [1, ucx_run, 1] * (replicas * stages) + [1] * (int(http) + n_metrics)
+    n_metrics = (1 + replicas * stages + int(kv_store is not None)) if metrics else 0
+    n_kv = int(kv_store is not None)
+    runs = [1] + [1, ucx_run, 1] * (replicas * stages) + [1] * (int(http) + n_metrics + n_kv)
     ports = iter(free_port_runs(runs, host=LOCAL_HOST))
     port = next(ports)
     router_port = router_port or port
@@ -56,6 +62,7 @@ def local_spec(
         max_queue=max_queue,
         http_port=(http_port or next(ports)) if http else 0,
         metrics_port=next(ports) if metrics else 0,
+        policy=router_policy,
     )
     gpu = iter(gpus or range(replicas * stages * tp))
     placed = iter(stage_ports)
@@ -86,8 +93,21 @@ def local_spec(
         max_model_len=max_model_len,
         served_model_name=served_model_name,
     )
+    if kv_store is not None:
+        kv_store = replace(
+            kv_store,
+            host=LOCAL_HOST,
+            port=kv_store.port or next(ports),
+            ucx_port=0,
+            metrics_port=(kv_store.metrics_port or next(ports)) if metrics else kv_store.metrics_port,
+        )
     return DeploySpec(
-        model=model, replicas=tuple(reps), router=router, engine=engine or EngineConfig(), registry=registry
+        model=model,
+        replicas=tuple(reps),
+        router=router,
+        engine=engine or EngineConfig(),
+        kv_store=kv_store,
+        registry=registry,
     )
 
 
@@ -106,6 +126,9 @@ def spec_ports(spec: DeploySpec) -> Iterator[tuple[str, str, int]]:
             named = [(f"{w}.port", st.port), *ucx, (f"{w}.dist_port", st.dist_port)]
             named.append((f"{w}.metrics_port", st.metrics_port))
             yield from ((name, st.host, port) for name, port in named)
+    if (kv := spec.kv_store) is not None:
+        yield from (("kv_store.port", kv.host, kv.port), ("kv_store.ucx_port", kv.host, kv.ucx_port))
+        yield ("kv_store.metrics_port", kv.host, kv.metrics_port)
 
 
 def busy_port(spec: DeploySpec) -> str | None:

@@ -128,16 +128,25 @@ def processes_for(
     *,
     cpu_count: int | None = None,
 ) -> tuple[ProcessSpec, ...]:
-    """Every process of `spec`, in start order: the kv_store, the stages, the router last (it
-    serves once it sees the stages). Each reads the spec from `spec_path`; `registry` overrides the
-    spec's for the router. cpu_count (default: this host's) splits the CPU threads among ranks.
+    """Every process of `spec`, in start order: the kv_store first (the stage workers use it from
+    their first admission), the stages, the router last (it serves once it sees the stages); stop
+    order is the reverse (the store outlives the workers that read its slab). Each reads the spec
+    from `spec_path`; `registry` overrides the spec's for the router. cpu_count (default: this
+    host's) splits the CPU threads among ranks.
 
-    The kv_store has a process only once services.kv_store has an entry point: until then nothing
-    runs it (`trellis up` never did), and no generator renders a command that cannot start."""
+    The kv_store is optional to serving: a worker that finds it down, slow or full recomputes, so
+    nothing that runs these processes makes the others wait on the store's health or stop with it.
+    Its ports are the spec's: the workers dial kv_store.host:port as written, so port 0 (which
+    the runners place for no process) is refused here."""
     env = process_env(spec, cpu_count if cpu_count is not None else os.cpu_count())
     out: list[ProcessSpec] = []
     kv = spec.kv_store
-    if kv is not None and has_entry_point(KV_STORE_MODULE):
+    if kv is not None:
+        if not kv.port:
+            raise SpecError(
+                "kv_store.port: not set (0): the stage workers dial the store at the spec's "
+                "host:port, so it needs a port of its own (1..65535)"
+            )
         out.append(
             ProcessSpec(
                 name="kv-store",
@@ -145,7 +154,11 @@ def processes_for(
                 module=KV_STORE_MODULE,
                 args=("--spec", spec_path),
                 host=kv.host,
-                ports=Ports(grpc=kv.port, ucx=(kv.ucx_port,) if kv.ucx_port else ()),
+                ports=Ports(
+                    grpc=kv.port,
+                    ucx=(kv.ucx_port,) if kv.ucx_port else (),
+                    metrics=kv.metrics_port,
+                ),
                 health=HealthCheck(_probe_host(kv.host), kv.port),
                 env=env,
             )
@@ -248,6 +261,16 @@ def read_paths(spec: DeploySpec) -> tuple[str, ...]:
     them read-only at the same path, so the spec's paths hold as written."""
     paths = [p for p in (spec.model.path, spec.model.tokenizer) if p]
     return tuple(dict.fromkeys(paths))
+
+
+KV_SHM_MARGIN_BYTES = 1 << 30
+
+
+def kv_shm_bytes(spec: DeploySpec) -> int:
+    """The shared memory the kv_store's host tier needs at kv_store.shm_dir: its slab
+    (capacity_bytes) and a margin (the slab's header, the processes' own shared memory there:
+    NCCL's buffers on a GPU stage whose /dev/shm it is). 0 without a kv_store."""
+    return spec.kv_store.capacity_bytes + KV_SHM_MARGIN_BYTES if spec.kv_store else 0
 
 
 def write_paths(spec: DeploySpec) -> tuple[str, ...]:

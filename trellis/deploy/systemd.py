@@ -1,5 +1,6 @@
 """systemd units for a spec: `trellis-router.service`, the template `trellis-stage@.service` (one
-instance per stage, `trellis-stage@r0-stage-1`), and `trellis.target`, which wants them all.
+instance per stage, `trellis-stage@r0-stage-1`), `trellis-kv-store.service` for a spec with
+`kv_store:`, and `trellis.target`, which wants them all.
 
 Stages share one template because they differ only in their arguments and GPUs: each instance
 reads env/INSTANCE.env (TRELLIS_STAGE_ARGS, CUDA_VISIBLE_DEVICES, the spec's env), so a fix to
@@ -14,6 +15,12 @@ the written spec gave it. The API key is read by the router from an optional
 Scaling: a DP replica is one more entry under `replicas:` in the spec; re-render, and its stages
 are new instances of the same template. More routers are more hosts (its port is the spec's).
 A spec spread over several hosts gives the units of each host under HOST/.
+
+The KV store is one unit of its own, whatever the number of stages. The stages on its host are
+ordered After= it and Want it (soft: a store that fails to start fails no stage, which serves
+without it, recomputing), so systemd starts it first and stops it after them. Its slab is a file
+in kv_store.shm_dir (the host's /dev/shm by default), which the stage workers map: no unit here
+has a private /dev/shm or /tmp.
 """
 
 from __future__ import annotations
@@ -67,19 +74,25 @@ def _host_units(
     redis = _redis_unit(spec, host)
     stages = [p for p in procs if p.kind == "stage"]
     names = [f"trellis-stage@{p.slug}.service" for p in stages]
+    store = [f"trellis-{p.slug}.service" for p in procs if p.kind == "kv_store"]
     if stages:
         out[f"{sub}{STAGE_TEMPLATE}"] = _unit(
             "Trellis stage worker %i",
             f"{python} -m {STAGE_MODULE} $TRELLIS_STAGE_ARGS",
             [f"{unit_dir}/env/%i.env"],
-            after=redis,
+            after=[*redis, *store],
+            comment=(
+                "# After/Wants the KV store: a start order only; a stage serves without it (recomputing)."
+                if store
+                else None
+            ),
         )
         for p in stages:
             env = [*p.env, ("TRELLIS_STAGE_ARGS", " ".join(p.args))]
             if p.gpus:
                 env.append(("CUDA_VISIBLE_DEVICES", ",".join(map(str, p.gpus))))
             out[f"{sub}env/{p.slug}.env"] = _env_file(p, env)
-    wanted = list(names)
+    wanted = [*store, *names]
     for p in procs:
         if p.kind == "stage":
             continue
@@ -89,12 +102,13 @@ def _host_units(
         if p.kind == "router":  # the API key lives there, written by hand (optional: '-')
             env_files.append(f"-{unit_dir}/secrets.env")
         out[f"{sub}{unit}"] = _unit(
-            f"Trellis {p.kind.replace('_', ' ')}",
+            "Trellis router" if p.kind == "router" else "Trellis KV store",
             " ".join(p.argv(python)),
             env_files,
             after=[*redis, *(names if p.kind == "router" else [])],
         )
-        wanted.append(unit)
+        if unit not in wanted:
+            wanted.append(unit)
     out[f"{sub}{TARGET}"] = (
         "[Unit]\n"
         f"Description=Trellis: every service of the spec on {host}\n"
@@ -104,11 +118,14 @@ def _host_units(
     return out
 
 
-def _unit(description: str, exec_start: str, env_files: list[str], *, after: list[str]) -> str:
+def _unit(
+    description: str, exec_start: str, env_files: list[str], *, after: list[str], comment: str | None = None
+) -> str:
     """A service unit; `after` are units it orders after and wants (pulled in with it)."""
     deps = ["network-online.target", *after]
     return "\n".join(
         [
+            *([comment] if comment else []),
             "[Unit]",
             f"Description={description}",
             f"After={' '.join(deps)}",

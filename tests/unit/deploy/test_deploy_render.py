@@ -88,7 +88,7 @@ def test_trellis_up_runs_the_described_processes(tmp_path: Path) -> None:
     spec = cuda_spec()
     mesh = Mesh(spec, spec_path=tmp_path / "s.yaml")  # nothing starts until mesh.start()
     procs = processes_for(spec, str(tmp_path / "s.yaml"))
-    assert [(s.name, s.address, s.module, s.args, s.env) for s in mesh.services[1:] + mesh.services[:1]] == [
+    assert [(s.name, s.address, s.module, s.args, s.env) for s in mesh.services] == [
         (p.name, p.health.address, p.module, list(p.args), p.environment) for p in procs
     ]
 
