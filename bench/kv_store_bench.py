@@ -125,7 +125,9 @@ class StoreProcess:
         cfg = load_model_source(None, preset)
         spec = {
             "model": {"preset": preset, "load_format": "dummy", "dtype": dtype},
-            "replicas": [{"name": "bench", "stages": [{"layers": [0, cfg.num_hidden_layers], "port": stage_port}]}],
+            "replicas": [
+                {"name": "bench", "stages": [{"layers": [0, cfg.num_hidden_layers], "port": stage_port}]}
+            ],
             "kv_store": {
                 "port": self.port,
                 "capacity_bytes": host_bytes,
@@ -135,7 +137,9 @@ class StoreProcess:
             },
         }
         (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.kv_store", "--spec", str(root / "spec.yaml")])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.kv_store", "--spec", str(root / "spec.yaml")]
+        )
         self.address = f"127.0.0.1:{self.port}"
 
     async def wait_up(self) -> None:
@@ -183,7 +187,9 @@ def wait_for(store: StoreProcess, hashes: list[int], tier: str, timeout_s: float
 def ttft_cases(args: argparse.Namespace, lengths: list[int], tmp: Path) -> list[dict[str, Any]]:
     cfg = load_model_source(None, args.preset)
     fp = fingerprint_of(cfg, args.preset, args.dtype, 16)
-    block_bytes = SlotLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, args.dtype).slot_bytes
+    block_bytes = SlotLayout(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, args.dtype
+    ).slot_bytes
     longest = max(lengths)
     host_bytes = 3 * (longest // 16) * block_bytes  # a prompt and two fillers of the longest length
     store = StoreProcess(args.preset, args.dtype, tmp, host_bytes, 8 * host_bytes)
@@ -199,52 +205,65 @@ def ttft_cases(args: argparse.Namespace, lengths: list[int], tmp: Path) -> list[
                 dtype=args.dtype,
                 max_model_len=longest + 16,
                 engine=engine_cfg,
-                kv_store=StoreUse(store.address, write_through=True),
+                kv_store=StoreUse(store.address, write_through=True, rpc_timeout_s=5.0),
             )
         ) as e:
             for n in lengths:
-                fresh = lambda: [rng.randrange(1000, cfg.vocab_size) for _ in range(n)]  # noqa: E731
-                names = lambda p: fp.block_hashes(p)[: (n - 1) // 16]  # noqa: E731
-                cold = []
-                for _ in range(args.reps + 1):
-                    p = fresh()
-                    cold.append(ttft(e, p))
-                    wait_for(store, names(p), "host")
-                prompt = p
-                local = [ttft(e, prompt) for _ in range(args.reps + 1)]
-                host = []
-                for _ in range(args.reps + 1):
-                    e.reset_prefix_cache()
-                    host.append(ttft(e, prompt))
-                disk = []
-                for _ in range(args.reps + 1):
-                    for _ in range(3):  # push the prompt out of the host tier (its disk copy stays)
-                        filler = [rng.randrange(1000, cfg.vocab_size) for _ in range(longest)]
-                        ttft(e, filler)
-                        wait_for(store, fp.block_hashes(filler)[: (longest - 1) // 16], "host")
-                    where = wait_for(store, names(prompt), "disk", timeout_s=20)
-                    e.reset_prefix_cache()
-                    disk.append((ttft(e, prompt), where))
-                stats = e.stats()
-                row = {
-                    "prompt_tokens": n,
-                    "cold_s": statistics.median(cold[1:]),
-                    "local_hit_s": statistics.median(local[1:]),
-                    "store_host_hit_s": statistics.median(host[1:]),
-                    "store_disk_hit_s": statistics.median(t for t, _ in disk[1:]),
-                    "disk_case_tiers": [w for _, w in disk],  # (host run, total run) before each
-                    "engine_stats": stats,
-                }
-                for k in ("local_hit_s", "store_host_hit_s", "store_disk_hit_s"):
-                    row[k.replace("_s", "_vs_cold")] = row[k] / row["cold_s"]
-                say(
-                    f"{n} tokens: cold {row['cold_s'] * 1e3:.1f} ms, local {row['local_hit_s'] * 1e3:.1f}, "
-                    f"store host {row['store_host_hit_s'] * 1e3:.1f}, disk {row['store_disk_hit_s'] * 1e3:.1f} ms"
-                )
-                rows.append(row)
+                rows.append(one_length(e, store, fp, cfg.vocab_size, n, longest, args.reps, rng))
     finally:
         store.stop()
     return rows
+
+
+def one_length(
+    e: Engine, store: StoreProcess, fp: Any, vocab: int, n: int, longest: int, reps: int, rng: random.Random
+) -> dict[str, Any]:
+    """One prompt length's four cases (see the module doc)."""
+
+    def fresh(length: int) -> list[int]:
+        return [rng.randrange(1000, vocab) for _ in range(length)]
+
+    def names(p: list[int]) -> list[int]:
+        return fp.block_hashes(p)[: (len(p) - 1) // 16]
+
+    cold, prompts = [], []
+    for _ in range(reps + 1):
+        p = fresh(n)
+        cold.append(ttft(e, p))
+        wait_for(store, names(p), "host")
+        prompts.append(p)
+    prompt = prompts[-1]
+    local = [ttft(e, prompt) for _ in range(reps + 1)]
+    host = []
+    for _ in range(reps + 1):
+        e.reset_prefix_cache()
+        host.append(ttft(e, prompt))
+    for _ in range(3):  # push the prompts out of the host tier (their disk copies stay)
+        filler = fresh(longest)
+        ttft(e, filler)
+        wait_for(store, names(filler), "host")
+    disk = []
+    for p in prompts[1:]:  # each read from disk once (the read puts it back in the host tier)
+        where = wait_for(store, names(p), "disk", timeout_s=20)
+        e.reset_prefix_cache()
+        disk.append((ttft(e, p), where))
+    stats = e.stats()
+    row = {
+        "prompt_tokens": n,
+        "cold_s": statistics.median(cold[1:]),
+        "local_hit_s": statistics.median(local[1:]),
+        "store_host_hit_s": statistics.median(host[1:]),
+        "store_disk_hit_s": statistics.median(t for t, _ in disk),
+        "disk_case_tiers": [w for _, w in disk],  # (host run, total run) before each read
+        "engine_stats": stats,
+    }
+    for k in ("local_hit_s", "store_host_hit_s", "store_disk_hit_s"):
+        row[k.replace("_s", "_vs_cold")] = row[k] / row["cold_s"]
+    say(
+        f"{n} tokens: cold {row['cold_s'] * 1e3:.1f} ms, local {row['local_hit_s'] * 1e3:.1f}, "
+        f"store host {row['store_host_hit_s'] * 1e3:.1f}, disk {row['store_disk_hit_s'] * 1e3:.1f} ms"
+    )
+    return row
 
 
 def plot(data: dict[str, Any], path: str) -> None:
