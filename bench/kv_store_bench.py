@@ -80,13 +80,23 @@ def copies(preset: str, device: torch.device, dtype: str, blocks: int, tmp: Path
     ids = torch.randperm(num_blocks, device=device)[:blocks]
     payload = blocks * layout.slot_bytes
     out: dict[str, Any] = {"blocks": blocks, "payload_bytes": payload}
-    gather = timed(lambda: cache.permute(2, 0, 1, 3, 4, 5)[ids], device)
     staged = cache.permute(2, 0, 1, 3, 4, 5)[ids]
 
-    def scatter() -> None:
+    def scatter_indexing() -> None:
         cache.permute(2, 0, 1, 3, 4, 5)[ids] = staged
 
-    scat = timed(scatter, device)
+    out["torch_indexing_gather_rw_gb_s"] = (
+        2 * payload / timed(lambda: cache.permute(2, 0, 1, 3, 4, 5)[ids], device) / 1e9
+    )
+    out["torch_indexing_scatter_rw_gb_s"] = 2 * payload / timed(scatter_indexing, device) / 1e9
+    if device.type == "cuda":  # what kv_copy runs: the one Triton kernel
+        from trellis.runtime.kernels import gather_blocks, scatter_blocks
+
+        gather = timed(lambda: gather_blocks(cache, ids), device)
+        scat = timed(lambda: scatter_blocks(cache, ids, staged), device)
+    else:
+        gather = timed(lambda: cache.permute(2, 0, 1, 3, 4, 5)[ids], device)
+        scat = timed(scatter_indexing, device)
     out["gather_payload_gb_s"] = payload / gather / 1e9
     out["scatter_payload_gb_s"] = payload / scat / 1e9
     out["gather_rw_gb_s"] = 2 * payload / gather / 1e9

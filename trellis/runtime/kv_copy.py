@@ -4,7 +4,7 @@ The slab (trellis/core/kv_store_api.py) is a shared-memory file of slots, each o
 whole model ``[layers, K|V, block_size, kv_heads, head_dim]``; this rank owns layers [l0, l1) and
 KV heads [h0, h1) of it. The cache is block-major (trellis/runtime/model/kv_cache.py), so
 
-    save: staged = cache.data.permute(2, 0, 1, 3, 4, 5)[blocks]    # [n, layers, 2, B, heads, D], one gather
+    save: staged = gather_blocks(cache.data, blocks)   # [n, layers, 2, B, heads, D], one kernel
           slab[slots, l0:l1, :, :, h0:h1] = staged                  # host; one DMA per run of slots
     load: the reverse, one scatter (index_put) into the cache.
 
@@ -14,7 +14,7 @@ registered as pinned memory, so the transfers run at the host link's rate and do
 
 On CPU there is no device to stage on: each block is copied straight between its cache rows and its
 slot, one strided copy of a whole block (all layers: ~2 MiB for an 8B model), which runs at memcpy
-speed, where advanced indexing over the permuted cache ran at ~2 GB/s (bench/kv_store_bench.py).
+speed, where indexing the permuted cache ran at ~2 GB/s (bench/kv_store_bench.py).
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ def save_blocks(
         for b, s in zip(blocks, slots, strict=True):
             part.of(slab.slots[s : s + 1])[0].copy_(cache[:, :, b])
         return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
+    from trellis.runtime.kernels.kv_blocks import gather_blocks  # triton: the CUDA path only
+
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
-    staged = cache.permute(2, 0, 1, 3, 4, 5)[ids]  # one gather: [n, layers, 2, B, heads, D]
+    staged = gather_blocks(cache, ids)  # one kernel: [n, layers, 2, B, heads, D]
     for first, start, n in slot_runs(slots):
         part.of(slab.slots[start : start + n]).copy_(staged[first : first + n], non_blocking=slab._pinned)
     return staged.numel() * staged.element_size()
@@ -142,6 +144,8 @@ def load_blocks(
     if cache.device.type == "cuda":
         pieces = [p.to(cache.device, non_blocking=slab._pinned) for p in pieces]
     staged = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    from trellis.runtime.kernels.kv_blocks import scatter_blocks  # triton: the CUDA path only
+
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
-    cache.permute(2, 0, 1, 3, 4, 5)[ids] = staged.to(cache.dtype)  # one scatter into the cache
+    scatter_blocks(cache, ids, staged.to(cache.dtype).contiguous())  # one kernel into the cache
     return staged.numel() * staged.element_size()

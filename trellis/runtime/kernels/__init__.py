@@ -13,6 +13,7 @@ One kernel per file; the wrappers' input checks are in checks.py. This module on
 """
 
 from trellis.runtime.kernels.checks import KernelInputError
+from trellis.runtime.kernels.kv_blocks import gather_blocks, scatter_blocks
 from trellis.runtime.kernels.kv_store import store_kv
 from trellis.runtime.kernels.norm import add_rms_norm, rms_norm
 from trellis.runtime.kernels.paged_decode import paged_decode_attention
@@ -24,9 +25,11 @@ __all__ = [
     "KernelInputError",
     "add_rms_norm",
     "apply_rotary",
+    "gather_blocks",
     "paged_decode_attention",
     "rms_norm",
     "rotary_store_kv",
+    "scatter_blocks",
     "silu_and_mul",
     "store_kv",
 ]
