@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +41,15 @@ def test_kernel_matches_indexing_on_cuda() -> None:
     assert torch.equal(other[:, :, ids], cache[:, :, ids])
 
 
-def test_pinned_slab_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["/dev/shm", None])  # a tmpfs (pinned), and a disk file (not pinnable)
+def test_slab_round_trip(tmp_path: Path, where: str | None) -> None:
     layout = SlotLayout(4, 8, 128, 16, "bfloat16")
-    path = tmp_path / "slab"
+    folder = Path(tempfile.mkdtemp(dir=where)) if where else tmp_path
+    path = folder / "slab"
     path.write_bytes(bytes(6 * layout.slot_bytes))
     slab = SlabView(str(path), layout, CUDA)
+    if where is not None:
+        assert slab._pinned  # a tmpfs page is always pinnable
     try:
         part = RankSlice((0, 4), (0, 8), layout)
         cache = torch.randn(4, 2, 10, 16, 8, 128, dtype=torch.bfloat16, device=CUDA)
@@ -61,6 +66,7 @@ def test_pinned_slab_round_trip(tmp_path: Path) -> None:
         assert torch.equal(mine[:, :, 6], cache[2:4, :, 2, :, 4:8])
     finally:
         slab.close()
+        path.unlink()
 
 
 def test_engine_on_cuda_reads_the_store_exactly(tmp_path: Path) -> None:

@@ -226,11 +226,11 @@ class Engine:
     async def _reset_prefix_cache(self) -> int:
         return self._running_head().scheduler.block_manager.reset_prefix_cache()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """The head scheduler's counters (blocks, prefix hits, store loads), and the KV agent's."""
         return self._call(self._stats())
 
-    async def _stats(self) -> dict[str, int]:
+    async def _stats(self) -> dict[str, float]:
         head = self._running_head()
         agent = {} if head.kv_agent is None else dataclasses.asdict(head.kv_agent.stats)
         return {**head.scheduler.stats(), **{f"kv_agent_{k}": v for k, v in agent.items()}}

@@ -57,6 +57,7 @@ class StoreClient(Protocol):
 @dataclass
 class AgentStats:
     lookups: int = 0  # Acquire RPCs
+    lookup_s: float = 0.0  # their seconds, summed (each one is on its request's TTFT)
     hit_blocks: int = 0  # blocks leased for loading
     offered_blocks: int = 0
     committed_blocks: int = 0
@@ -139,7 +140,9 @@ class KVAgent:
         assert info is not None
         self.stats.lookups += 1
         first = (len(prompt_ids) - 1) // self.fingerprint.block_size - len(names)
+        started = time.perf_counter()
         lease = await self._call("acquire", self.client.acquire(names, self.lease_ttl_s))
+        self.stats.lookup_s += time.perf_counter() - started
         if lease is None or not lease.slots:
             return None
         if lease.instance_id != info.instance_id:  # the store restarted since Info: read it again

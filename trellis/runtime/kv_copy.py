@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from trellis.core import log
 from trellis.core.kv_store_api import SlotLayout
 from trellis.core.plan import KVCopy
 
@@ -68,8 +69,13 @@ class SlabView:
         self.slots = raw.view(_TORCH_DTYPES[layout.dtype]).view(self.num_slots, *layout.shape)
         self._pinned = False
         if device.type == "cuda":  # page-locked: DMA at the link's rate, and non_blocking copies
-            ptr, nbytes = raw.data_ptr(), raw.numel()
-            self._pinned = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0) == 0
+            cudart = torch.cuda.cudart()
+            self._pinned = int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) == 0
+            if not self._pinned:
+                # A failed registration (e.g. a slab on a filesystem that is not a tmpfs) leaves a
+                # CUDA error that the next kernel launch would report as its own: clear it.
+                cudart.cudaGetLastError()
+                log.get().warning("kv store slab not pinnable; copies run at pageable speed", path=path)
 
     def close(self) -> None:
         if self._pinned:
