@@ -145,4 +145,7 @@ def stats_to_pb(s: StageStats) -> stage_pb2.StageStats:
         generated_tokens=s.generated_tokens,
         stage_busy_s=s.stage_busy_s,
         kv_canary=s.kv_canary,
+        prefix_hit_tokens=s.prefix_hit_tokens,
+        store_loaded_blocks=s.store_loaded_blocks,
+        store_voided_loads=s.store_voided_loads,
     )

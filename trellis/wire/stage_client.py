@@ -125,6 +125,9 @@ class GrpcStageClient:
             ready=s.ready,
             stage_busy_s=tuple(s.stage_busy_s),
             kv_canary=s.kv_canary,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            store_loaded_blocks=s.store_loaded_blocks,
+            store_voided_loads=s.store_voided_loads,
         )
 
     async def match_prefix(self, hashes: Sequence[int], *, timeout_s: float) -> int:
