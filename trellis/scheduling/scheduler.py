@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 from trellis.core import log
 from trellis.core.plan import KVCopy, NewRequest, SeqStep, StepPlan, StepResult
-from trellis.core.request import RequestLimits, prompt_problem, sampling_problem
 from trellis.core.sampling import SamplingParams
-from trellis.scheduling.block_manager import BlockManager, blocks_for
+from trellis.scheduling.block_manager import BlockManager
+from trellis.scheduling.checks import check_fits, sampled_tokens
 from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
     InvalidRequestError,
     SchedulerConfig,
@@ -46,7 +46,6 @@ from trellis.scheduling.sequence import FinishReason, SeqStatus, Sequence, SeqUp
 
 logger = log.get(component="scheduler")
 
-_TOKEN_ID_LIMIT = 2**31  # token ids are hashed as int32
 LEASE_MARGIN_S = 2.0  # a store lease closer than this to expiry is not loaded from (recompute)
 
 
@@ -124,21 +123,7 @@ class Scheduler:
 
     def check(self, prompt: tuple[int, ...], sampling: SamplingParams) -> None:
         """Raise InvalidRequestError if this request could never be served (add() checks it too)."""
-        cfg = self.config
-        # The one validator's rules (trellis.core.request), with the limits the scheduler knows: a
-        # caller that skipped validation still cannot queue what could never be served.
-        limits = RequestLimits(vocab_size=_TOKEN_ID_LIMIT, max_model_len=cfg.max_model_len)
-        if any(not isinstance(t, int) for t in prompt):
-            raise InvalidRequestError(
-                f"prompt token id {next(t for t in prompt if not isinstance(t, int))!r} is not an integer"
-            )
-        if problem := prompt_problem(prompt, limits) or sampling_problem(sampling, _TOKEN_ID_LIMIT):
-            raise InvalidRequestError(problem)
-        if len(prompt) > self._capacity_tokens:
-            need = blocks_for(len(prompt), cfg.block_size)
-            raise InvalidRequestError(
-                f"prompt of {len(prompt)} tokens needs {need} KV blocks, the cache holds {cfg.num_blocks}"
-            )
+        check_fits(prompt, sampling, self.config)
 
     def abort(self, seq_id: int) -> None:
         """Drop a request: now if it is not in flight, else when its step comes back."""
@@ -224,7 +209,7 @@ class Scheduler:
         if steps is None:
             raise SchedulerError(f"result for step {result.step_id}, which is not outstanding")
         burst = self._bursts.get(result.step_id, 1)
-        sampled = self._check_result(result, steps, burst)
+        sampled = sampled_tokens(result, steps, burst)
         del self._outstanding[result.step_id]
         del self._bursts[result.step_id]
         void = self._void_loads(result)
@@ -471,26 +456,3 @@ class Scheduler:
         del self._seqs[seq.seq_id]
         if seq.announced:
             self._pending_finished.append(seq.seq_id)
-
-    def _check_result(
-        self, result: StepResult, steps: tuple[SeqStep, ...], burst: int
-    ) -> dict[int, tuple[int, ...]]:
-        """The result's seq id -> its tokens, after checking it answers exactly the plan's sampled seqs."""
-        if result.steps != burst or len(result.seq_ids) * burst != len(result.token_ids):
-            raise SchedulerError(
-                f"step {result.step_id}: {len(result.seq_ids)} seq ids and {len(result.token_ids)} tokens "
-                f"in {result.steps} steps, but the plan asked for {burst} steps"
-            )
-        sampled = {
-            sid: tuple(result.token_ids[i * burst : (i + 1) * burst]) for i, sid in enumerate(result.seq_ids)
-        }
-        expected = {s.seq_id for s in steps if s.sample}
-        if len(sampled) != len(result.seq_ids) or sampled.keys() != expected:
-            raise SchedulerError(
-                f"step {result.step_id}: result seqs {sorted(result.seq_ids)} "
-                f"do not match the sampled seqs {sorted(expected)}"
-            )
-        bad = [t for t in result.token_ids if not isinstance(t, int) or not 0 <= t < _TOKEN_ID_LIMIT]
-        if bad:
-            raise SchedulerError(f"step {result.step_id}: token id {bad[0]!r} is not in [0, 2^31)")
-        return sampled
