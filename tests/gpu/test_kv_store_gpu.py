@@ -48,8 +48,7 @@ def test_slab_round_trip(tmp_path: Path, where: str | None) -> None:
     path = folder / "slab"
     path.write_bytes(bytes(6 * layout.slot_bytes))
     slab = SlabView(str(path), layout, CUDA)
-    if where is not None:
-        assert slab._pinned  # a tmpfs page is always pinnable
+    assert slab._pinned == (where is not None)  # only a tmpfs slab is registered
     try:
         part = RankSlice((0, 4), (0, 8), layout)
         cache = torch.randn(4, 2, 10, 16, 8, 128, dtype=torch.bfloat16, device=CUDA)
@@ -77,6 +76,7 @@ def test_engine_on_cuda_reads_the_store_exactly(tmp_path: Path) -> None:
         "replicas": [{"name": "u", "stages": [{"layers": [0, 4], "port": stage_port}]}],
         "kv_store": {"port": port, "capacity_bytes": 32 << 20, "shm_dir": str(tmp_path)},
     }
+    spec["kv_store"]["shm_dir"] = tempfile.mkdtemp(dir="/dev/shm")  # the pinned path
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.kv_store", "--spec", str(tmp_path / "spec.yaml")]

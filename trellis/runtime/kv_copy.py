@@ -48,6 +48,25 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def on_tmpfs(path: str) -> bool:
+    """Whether ``path`` lies on a tmpfs (the mount with the longest matching mount point)."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1]
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return False
+    return kind == "tmpfs"
+
+
 class SlabView:
     """The store's slab mapped into this process, as a tensor [num_slots, *layout.shape]."""
 
@@ -68,7 +87,9 @@ class SlabView:
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=self.num_slots * layout.slot_bytes)
         self.slots = raw.view(_TORCH_DTYPES[layout.dtype]).view(self.num_slots, *layout.shape)
         self._pinned = False
-        if device.type == "cuda":  # page-locked: DMA at the link's rate, and non_blocking copies
+        # Page-locked: DMA at the link's rate, and non_blocking copies. Only a tmpfs slab: pages of a
+        # file on disk may be written back and moved, and DMA into them failed on an H200 host.
+        if device.type == "cuda" and on_tmpfs(path):
             cudart = torch.cuda.cudart()
             self._pinned = int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) == 0
             if not self._pinned:

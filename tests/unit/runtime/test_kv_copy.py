@@ -81,3 +81,13 @@ def test_bad_ids_are_refused(tmp_path: Path) -> None:
 def test_missing_slab_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SlabError, match="cannot open the KV store's slab"):
         SlabView(str(tmp_path / "gone"), LAYOUT, CPU)
+
+
+def test_only_a_tmpfs_slab_is_pinned() -> None:
+    from trellis.runtime.kv_copy import on_tmpfs
+
+    assert not on_tmpfs("/proc/self/status")  # procfs
+    mounts = Path("/proc/self/mounts").read_text().split("\n")
+    tmpfs = [f.split()[1] for f in mounts if len(f.split()) > 2 and f.split()[2] == "tmpfs"]
+    if tmpfs:  # a file inside any tmpfs mount point
+        assert on_tmpfs(tmpfs[0].rstrip("/") + "/trellis-kv-probe")
