@@ -225,7 +225,7 @@ def test_a_client_giving_up_on_a_whole_answer_frees_its_blocks(served: Served) -
             f"{served.base_url}/v1/completions",
             json=body,
             headers={"Authorization": f"Bearer {KEY}"},
-            timeout=httpx.Timeout(5.0, read=1.0),
+            timeout=httpx.Timeout(5.0, read=0.25),  # 400 tokens can finish within 1 s (seen in CI)
         )
     assert_released(served, free_before)
     assert stage_stats(served.head).generated_tokens - generated_before < LONG, "it ran to the end"
