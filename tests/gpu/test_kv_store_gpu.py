@@ -4,28 +4,23 @@ against transformers). Run on a GPU machine: pytest -m gpu tests/gpu."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.checkpoints import make_checkpoint, reference_generate
+from tests.kv_store_fixtures import start_store, store_spec, wait_store_up
 from trellis.core.engine_config import EngineConfig
 from trellis.core.kv_store_api import SlotLayout
-from trellis.core.net import free_ports
 from trellis.core.plan import KVCopy
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 from trellis.runtime.kernels import gather_blocks, scatter_blocks
 from trellis.runtime.kv_copy import RankSlice, SlabView, load_blocks, save_blocks
 from trellis.runtime.kv_setup import StoreUse
-from trellis.wire.kv_store_client import KVStoreClient
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -70,19 +65,10 @@ def test_slab_round_trip(tmp_path: Path, where: str | None) -> None:
 
 def test_engine_on_cuda_reads_the_store_exactly(tmp_path: Path) -> None:
     ckpt = make_checkpoint("llama-gqa", tmp_path / "ckpt", seed=5)
-    port, stage_port = free_ports(2)
-    spec = {
-        "model": {"path": str(ckpt), "dtype": "float32"},
-        "replicas": [{"name": "u", "stages": [{"layers": [0, 4], "port": stage_port}]}],
-        "kv_store": {"port": port, "capacity_bytes": 32 << 20, "shm_dir": str(tmp_path)},
-    }
-    spec["kv_store"]["shm_dir"] = tempfile.mkdtemp(dir="/dev/shm")  # the pinned path
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.kv_store", "--spec", str(tmp_path / "spec.yaml")]
-    )
+    spec, address = store_spec(ckpt, tmp_path, shm_dir=tempfile.mkdtemp(dir="/dev/shm"))  # pinned
+    proc = start_store(spec)
     try:
-        asyncio.run(_up(f"127.0.0.1:{port}"))
+        wait_store_up(address, proc)
         prompt = list(range(3, 120))
         greedy = SamplingParams(max_tokens=12, ignore_eos=True)
         args = EngineArgs(
@@ -90,7 +76,7 @@ def test_engine_on_cuda_reads_the_store_exactly(tmp_path: Path) -> None:
             device="cuda",
             dtype="float32",
             engine=EngineConfig(num_blocks=256),
-            kv_store=StoreUse(f"127.0.0.1:{port}", write_through=True),
+            kv_store=StoreUse(address, write_through=True),
         )
         with Engine(args) as e:
             (first,) = e.generate([prompt], greedy)
@@ -103,17 +89,3 @@ def test_engine_on_cuda_reads_the_store_exactly(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-async def _up(address: str) -> None:
-    client = KVStoreClient(address, 1.0)
-    try:
-        for _ in range(150):
-            try:
-                await client.info()
-                return
-            except Exception:  # not listening yet
-                await asyncio.sleep(0.2)
-        raise AssertionError("the kv_store service did not come up")
-    finally:
-        await client.close()

@@ -8,21 +8,18 @@ C; (1,1) reads C. Each reader must have loaded blocks from the store (not recomp
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.checkpoints import make_checkpoint, reference_generate, reference_logits
 from tests.integration.engine_cases import LOGITS_RTOL, make_prompts, relative_error, small_cpu_env
+from tests.kv_store_fixtures import start_store, store_spec, wait_store_up
 from trellis.core.engine_config import EngineConfig
 from trellis.core.kv_names import fingerprint_of
 from trellis.core.model_config import load_model_config
-from trellis.core.net import free_ports
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 from trellis.runtime.kv_setup import StoreUse
@@ -42,40 +39,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kvstore")
-    port, stage_port = free_ports(2)
-    layers = [0, load_model_config(checkpoint).num_hidden_layers]
-    spec = {
-        "model": {"path": str(checkpoint), "dtype": "float32"},
-        "replicas": [{"name": "unused", "stages": [{"layers": layers, "port": stage_port}]}],
-        "kv_store": {"port": port, "capacity_bytes": 64 << 20, "shm_dir": str(root)},
-    }
-    spec_path = root / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.Popen([sys.executable, "-m", "services.kv_store", "--spec", str(spec_path)])
-    address = f"127.0.0.1:{port}"
+    spec, address = store_spec(checkpoint, tmp_path_factory.mktemp("kvstore"), capacity_bytes=64 << 20)
+    proc = start_store(spec)
     try:
-        asyncio.run(_wait_up(address, proc))
+        wait_store_up(address, proc)
         yield address
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-async def _wait_up(address: str, proc: subprocess.Popen) -> None:
-    client = KVStoreClient(address, 1.0)
-    try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            assert proc.poll() is None, "the kv_store service exited while starting"
-            try:
-                await client.info()
-                return
-            except Exception:  # not listening yet
-                await asyncio.sleep(0.2)
-        raise AssertionError("the kv_store service did not come up in 60 s")
-    finally:
-        await client.close()
 
 
 async def _wait_stored(address: str, hashes: list[int]) -> int:

@@ -6,21 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.checkpoints import make_checkpoint
 from tests.integration.engine_cases import make_prompts, small_cpu_env
+from tests.kv_store_fixtures import start_store, store_spec, wait_store_up
 from trellis.core.engine_config import EngineConfig
 from trellis.core.kv_names import fingerprint_of
 from trellis.core.model_config import load_model_config
-from trellis.core.net import free_ports
 from trellis.core.sampling import SamplingParams
 from trellis.engine import Engine, EngineArgs
 from trellis.runtime.kv_setup import StoreUse
@@ -28,26 +25,6 @@ from trellis.wire.kv_store_client import KVStoreClient
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 PREFIX = 64  # four blocks every prompt shares with one other
-
-
-def start_store(spec: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.kv_store", "--spec", str(spec)])
-
-
-async def wait_up(address: str, timeout_s: float = 60) -> None:
-    client = KVStoreClient(address, 1.0)
-    end = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                await client.info()
-                return
-            except Exception:  # not listening yet
-                if time.monotonic() > end:
-                    raise
-                await asyncio.sleep(0.1)
-    finally:
-        await client.close()
 
 
 async def lookup(address: str, hashes: list[int], *, want: int, timeout_s: float = 30) -> int:
@@ -77,31 +54,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_kill_store_under_load_then_restart(checkpoint: Path, tmp_path: Path) -> None:
     cfg = load_model_config(checkpoint)
     fp = fingerprint_of(cfg, checkpoint.name, "float32", 16)
-    port, stage_port = free_ports(2)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(checkpoint), "dtype": "float32"},
-                "replicas": [
-                    {"name": "u", "stages": [{"layers": [0, cfg.num_hidden_layers], "port": stage_port}]}
-                ],
-                "kv_store": {
-                    "port": port,
-                    "capacity_bytes": 32 << 20,
-                    "shm_dir": str(tmp_path),
-                    "disk_path": str(tmp_path / "disk"),
-                    "disk_capacity_bytes": 64 << 20,
-                },
-            }
-        )
+    spec, address = store_spec(
+        checkpoint,
+        tmp_path,
+        disk_path=str(tmp_path / "disk"),
+        disk_capacity_bytes=64 << 20,
     )
-    address = f"127.0.0.1:{port}"
     heads = make_prompts(cfg.vocab_size, (PREFIX,) * 8, seed=1)
     tails = make_prompts(cfg.vocab_size, (9,) * 16, seed=2)
     prompts = [heads[i // 2] + tails[i] for i in range(16)]
     store = start_store(spec)
-    asyncio.run(wait_up(address))
+    wait_store_up(address, store)
     try:
         with (
             small_cpu_env(),

@@ -96,6 +96,7 @@ class KVAgent:
         self._down_until = 0.0
         self._failing = False
         self._closed = False
+        self._reconnect: asyncio.Task[None] | None = None
         self._known: OrderedDict[int, None] = OrderedDict()  # names the store holds (LRU-bounded)
         self._offers: dict[int, int] = {}  # name -> parent, to offer
         self._ready: list[_Ready] = []
@@ -108,11 +109,13 @@ class KVAgent:
 
     # ---- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self._refresh_info()
+        await self._refresh_info()  # the store may be down now: the reconnect task keeps trying
         self._tasks = [asyncio.create_task(self._offer_loop()), asyncio.create_task(self._mail_loop())]
 
     async def close(self) -> None:
         self._closed = True
+        if self._reconnect is not None:
+            self._tasks.append(self._reconnect)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -146,10 +149,11 @@ class KVAgent:
         if lease is None or not lease.slots:
             return None
         if lease.instance_id != info.instance_id:  # the store restarted since Info: read it again
-            self._mail.put_nowait(("release", lease.lease_id, ()))
-            self._down_until = 0.0
-            self._recover()
-            return None
+            await self._refresh_info()
+            if self.info is None or self.info.instance_id != lease.instance_id or self.refused:
+                self._mail.put_nowait(("release", lease.lease_id, ()))
+                return None
+            info = self.info
         self.stats.hit_blocks += len(lease.slots)
         for name in names[: len(lease.slots)]:
             self._remember(name)
@@ -248,10 +252,11 @@ class KVAgent:
             else:
                 await self._call("release", self.client.release(ident))
 
-    async def _refresh_info(self) -> None:
+    async def _refresh_info(self) -> bool:
+        """Read the store's Info; False if it could not be reached."""
         info = await self._call("info", self.client.info())
         if info is None:
-            return
+            return False
         if info.fingerprint != self.fingerprint.key or info.canary != self.fingerprint.canary():
             if not self.refused:
                 self._log.error(
@@ -262,7 +267,7 @@ class KVAgent:
                     our_fingerprint=self.fingerprint.key,
                 )
             self.refused = True
-            return
+            return True
         if self.info is None or info.instance_id != self.info.instance_id:
             self._known.clear()
             self._ready.clear()
@@ -270,6 +275,7 @@ class KVAgent:
                 "kv store in use", store=info.name, instance=info.instance_id, slots=info.num_slots
             )
         self.info = info
+        return True
 
     async def _call(self, what: str, rpc: Awaitable[T]) -> T | None:
         """Await a store RPC; on failure: a log line, a counter, back-off, and None."""
@@ -279,21 +285,27 @@ class KVAgent:
             self.stats.errors += 1
             if not self._failing:
                 self._log.warning("kv store call failed; recomputing instead", call=what, error=str(e))
-            if time.monotonic() >= self._down_until:  # one retry of Info per back-off period
-                asyncio.get_running_loop().call_later(BACKOFF_S, self._recover)
             self._failing = True
             self._down_until = time.monotonic() + BACKOFF_S
+            self._ensure_reconnect()
             return None
         if self._failing:
             self._failing = False
             self._log.info("kv store reachable again", call=what)
         return out
 
-    def _recover(self) -> None:
-        if self._closed:
+    def _ensure_reconnect(self) -> None:
+        """One task that reads Info every BACKOFF_S until the store answers (a restarted store
+        comes back with a new instance and slab: the agent must see it before using it)."""
+        if self._closed or (self._reconnect is not None and not self._reconnect.done()):
             return
-        self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(self._refresh_info()))
+        self._reconnect = asyncio.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(BACKOFF_S)
+            if await self._refresh_info():
+                return
 
     def _remember(self, name: int) -> None:
         self._known[name] = None
