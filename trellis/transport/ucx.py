@@ -141,14 +141,14 @@ async def connect(
             return Link(ep, recv_device)
         except Exception as e:
             now = loop.time()
+            if now >= next_log:  # before giving up, too: a line that is due is never skipped
+                log.get().info(f"waiting for {peer} at {host}:{port} ({now - start:.0f} s of {timeout:.0f})")
+                next_log = now + WAIT_LOG_EVERY_S
             if now + delay > deadline:
                 raise LinkClosed(
                     f"cannot reach {peer} at {host}:{port} over UCX within {timeout:.0f} s "
                     f"(engine.link_timeout_s): is it running, and is the port reachable? ({e})"
                 ) from e
-            if now >= next_log:
-                log.get().info(f"waiting for {peer} at {host}:{port} ({now - start:.0f} s of {timeout:.0f})")
-                next_log = now + WAIT_LOG_EVERY_S
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
