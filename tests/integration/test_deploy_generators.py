@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trellis.cli.main import main as trellis_main
+from tests.deploy_checks import check_compose_files, check_systemd_units, deploy, k8s_documents
 from trellis.core.spec import load
 from trellis.deploy import compose
 from trellis.deploy.local_spec import local_spec
@@ -42,11 +42,6 @@ def spec_file(name: str, tmp_path: Path) -> Path:
     return out
 
 
-def deploy(target: str, spec: Path, out: Path) -> Path:
-    assert trellis_main(["deploy", target, str(spec), "-o", str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("name", SPECS)
 def test_compose_files_pass_docker_compose_config(name: str, tmp_path: Path) -> None:
     if shutil.which("docker-compose") is None:
@@ -54,36 +49,20 @@ def test_compose_files_pass_docker_compose_config(name: str, tmp_path: Path) -> 
     out = deploy("compose", spec_file(name, tmp_path), tmp_path / "out")
     files = sorted(out.rglob("docker-compose.yaml"))
     assert files
-    for f in files:
-        r = subprocess.run(
-            ["docker-compose", "-f", str(f), "config", "-q"], cwd=f.parent, capture_output=True, text=True
-        )
-        assert r.returncode == 0 and not r.stderr.strip(), f"{f}: {r.stderr}"
+    check_compose_files(files)
 
 
 @pytest.mark.parametrize("name", SPECS)
 def test_systemd_units_pass_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    out = deploy("systemd", spec_file(name, tmp_path), tmp_path / "out")
-    for target in sorted(out.rglob("trellis.target")):
-        units = [str(p) for p in sorted(target.parent.glob("*.service")) if "@." not in p.name]
-        wants = re.search(r"^Wants=(.*)$", target.read_text(), re.M).group(1).split()
-        units += [str(target.parent / u) for u in wants if "@" in u]  # instances of the stage template
-        r = subprocess.run(
-            ["systemd-analyze", "verify", "--man=no", str(target), *units], capture_output=True, text=True
-        )
-        assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    check_systemd_units(deploy("systemd", spec_file(name, tmp_path), tmp_path / "out"))
 
 
 @pytest.mark.parametrize("name", SPECS)
 def test_k8s_manifests_pass_kubernetes_validate(name: str, tmp_path: Path) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-    out = deploy("k8s", spec_file(name, tmp_path), tmp_path / "out")
-    docs = [d for f in sorted(out.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    docs = k8s_documents(deploy("k8s", spec_file(name, tmp_path), tmp_path / "out"))
     assert {"ConfigMap", "Service", "StatefulSet", "Deployment"} <= {d["kind"] for d in docs}
-    for doc in docs:  # raises ValidationError with the path of the bad field
-        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
 # ---- running what the units run ------------------------------------------------------------------

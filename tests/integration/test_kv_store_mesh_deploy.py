@@ -4,17 +4,15 @@ and `trellis up` serves on when the store dies (once services.kv_store exists to
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.deploy_checks import check_compose_files, check_systemd_units, deploy, k8s_documents
 from tests.mesh_fixtures import running_mesh
-from trellis.cli.main import main as trellis_main
 from trellis.core.spec import KVStoreSpec
 from trellis.deploy.local_spec import local_spec
 from trellis.deploy.processes import has_entry_point
@@ -49,11 +47,6 @@ def spec_file(name: str, tmp_path: Path) -> Path:
 SPECS = ["example", "disk", "gpu-two-hosts"]
 
 
-def deploy(target: str, spec: Path, out: Path) -> Path:
-    assert trellis_main(["deploy", target, str(spec), "-o", str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("name", SPECS)
 def test_compose_with_a_store_passes_docker_compose_config(name: str, tmp_path: Path) -> None:
     if shutil.which("docker-compose") is None:
@@ -61,11 +54,7 @@ def test_compose_with_a_store_passes_docker_compose_config(name: str, tmp_path: 
     out = deploy("compose", spec_file(name, tmp_path), tmp_path / "out")
     files = sorted(out.rglob("docker-compose.yaml"))
     assert any("kv-store:" in f.read_text() for f in files)
-    for f in files:
-        r = subprocess.run(
-            ["docker-compose", "-f", str(f), "config", "-q"], cwd=f.parent, capture_output=True, text=True
-        )
-        assert r.returncode == 0 and not r.stderr.strip(), f"{f}: {r.stderr}"
+    check_compose_files(files)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -74,24 +63,13 @@ def test_systemd_with_a_store_passes_systemd_analyze_verify(name: str, tmp_path:
         pytest.skip("systemd-analyze is not installed")
     out = deploy("systemd", spec_file(name, tmp_path), tmp_path / "out")
     assert list(out.rglob("trellis-kv-store.service"))
-    for target in sorted(out.rglob("trellis.target")):
-        units = [str(p) for p in sorted(target.parent.glob("*.service")) if "@." not in p.name]
-        wants = re.search(r"^Wants=(.*)$", target.read_text(), re.M).group(1).split()
-        units += [str(target.parent / u) for u in wants if "@" in u]
-        r = subprocess.run(
-            ["systemd-analyze", "verify", "--man=no", str(target), *units], capture_output=True, text=True
-        )
-        assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    check_systemd_units(out)
 
 
 @pytest.mark.parametrize("name", SPECS)
 def test_k8s_with_a_store_passes_kubernetes_validate(name: str, tmp_path: Path) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-    out = deploy("k8s", spec_file(name, tmp_path), tmp_path / "out")
-    docs = [d for f in sorted(out.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    docs = k8s_documents(deploy("k8s", spec_file(name, tmp_path), tmp_path / "out"))
     assert ("StatefulSet", "trellis-kv-store") in {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for doc in docs:
-        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
 @pytest.mark.skipif(not has_entry_point("services.kv_store"), reason="services.kv_store is not built yet")

@@ -23,7 +23,7 @@ from trellis.core import hashing
 from trellis.core.model_config import ModelConfig
 
 LAYOUT_VERSION = 1  # bump when a block's bytes change meaning (slot layout, K/V order)
-CANARY_TOKENS = tuple(range(1, 65))  # four blocks of 16; any fixed ids below every vocab size
+CANARY_BLOCKS = 4  # the canary prompt: this many blocks of the fixed ids 1..64 (below every vocab)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class KVFingerprint:
 
     def canary(self) -> int:
         """The last block name of the fixed canary prompt: equal in two processes iff their names agree."""
-        return self.block_hashes(CANARY_TOKENS[: max(self.block_size, len(CANARY_TOKENS))])[-1]
+        tokens = [1 + i % 64 for i in range(CANARY_BLOCKS * self.block_size)]
+        return self.block_hashes(tokens)[-1]
 
 
 def fingerprint_of(cfg: ModelConfig, model_name: str, dtype: str, block_size: int) -> KVFingerprint:

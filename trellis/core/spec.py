@@ -18,6 +18,18 @@ from trellis.core.engine_config import EngineConfig
 from trellis.core.errors import ConfigError, ModelError, SpecError
 from trellis.core.handoff_rules import handoff_ranks, sliced_handoff_problem
 from trellis.core.model_config import ModelConfig, check_parallel, load_model_source
+from trellis.core.spec_fields import (
+    fields_of,
+    from_mapping,
+    gpu_list,
+    integer,
+    layers_range,
+    optional,
+    port,
+    seconds,
+    string,
+    typed,
+)
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -187,98 +199,21 @@ def balanced_layers(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
 # ---- parsing -------------------------------------------------------------------------------------
 
 
-def _fields(where: str, raw: Any, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise SpecError(f"{where}.{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
-    missing = sorted(required - set(raw))
-    if missing:
-        raise SpecError(f"{where}.{missing[0]}: required field is missing")
-    return raw
-
-
-def _typed(
-    where: str,
-    value: Any,
-    kind: type | tuple[type, ...],
-    *,
-    minimum: float | None = None,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise SpecError(f"{where}: expected {name}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(f"{where}: must be >= {minimum}, got {value!r}")
-    if choices is not None and value not in choices:
-        raise SpecError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _port(where: str, value: Any) -> int:
-    _typed(where, value, int, minimum=0)
-    if value > 65535:
-        raise SpecError(f"{where}: port {value} is out of range (0-65535)")
-    return value
-
-
-def _dataclass_from(
-    cls: type, where: str, raw: Any, checks: dict[str, Any], required: set[str] = frozenset()
-) -> Any:
-    raw = _fields(where, raw or {}, set(checks), required)
-    return cls(**{k: checks[k](f"{where}.{k}", v) for k, v in raw.items()})
-
-
-def _opt(check: Any) -> Any:
-    return lambda w, v: None if v is None else check(w, v)
-
-
-def _int(minimum: int = 0) -> Any:
-    return lambda w, v: _typed(w, v, int, minimum=minimum)
-
-
-def _str(choices: tuple[str, ...] | None = None) -> Any:
-    return lambda w, v: _typed(w, v, str, choices=choices)
-
-
-def _seconds(where: str, v: Any) -> float:
-    _typed(where, v, (int, float))
-    if not v > 0:
-        raise SpecError(f"{where}: must be > 0 seconds, got {v!r}")
-    return float(v)
-
-
-def _layers(where: str, v: Any) -> tuple[int, int]:
-    if not (isinstance(v, list | tuple) and len(v) == 2 and all(type(x) is int for x in v)):
-        raise SpecError(f"{where}: expected [start, end) as two integers, got {v!r}")
-    if not 0 <= v[0] < v[1]:
-        raise SpecError(f"{where}: expected [start, end) with 0 <= start < end, got {list(v)}")
-    return (v[0], v[1])
-
-
-def _gpus(where: str, v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list | tuple) or not all(type(x) is int and x >= 0 for x in v):
-        raise SpecError(f"{where}: expected a list of GPU indices, got {v!r}")
-    return tuple(v)
-
-
 def _stage(where: str, raw: Any) -> StageSpec:
-    st = _dataclass_from(
+    st = from_mapping(
         StageSpec,
         where,
         raw,
         {
-            "layers": _layers,
-            "tp": _int(1),
-            "device": _str(DEVICES),
-            "gpus": _gpus,
-            "host": _str(),
-            "port": _port,
-            "ucx_port": _port,
-            "dist_port": _port,
-            "metrics_port": _port,
+            "layers": layers_range,
+            "tp": integer(1),
+            "device": string(DEVICES),
+            "gpus": gpu_list,
+            "host": string(),
+            "port": port,
+            "ucx_port": port,
+            "dist_port": port,
+            "metrics_port": port,
         },
         required={"layers"},
     )
@@ -292,34 +227,34 @@ def _stage(where: str, raw: Any) -> StageSpec:
 
 
 def _replica(where: str, raw: Any) -> ReplicaSpec:
-    raw = _fields(where, raw, {"name", "stages", "role"}, {"name", "stages"})
+    raw = fields_of(where, raw, {"name", "stages", "role"}, {"name", "stages"})
     stages = raw["stages"]
     if not isinstance(stages, list) or not stages:
         raise SpecError(f"{where}.stages: expected a non-empty list of stages")
     return ReplicaSpec(
-        name=_typed(f"{where}.name", raw["name"], str),
+        name=typed(f"{where}.name", raw["name"], str),
         stages=tuple(_stage(f"{where}.stages[{j}]", s) for j, s in enumerate(stages)),
-        role=_typed(f"{where}.role", raw.get("role", "both"), str, choices=ROLES),
+        role=typed(f"{where}.role", raw.get("role", "both"), str, choices=ROLES),
     )
 
 
 def parse(raw: Any) -> DeploySpec:
     """Validate a spec given as plain data (what YAML parsed)."""
-    top = _fields(
+    top = fields_of(
         "spec", raw, {"model", "replicas", "router", "engine", "kv_store", "registry"}, {"model", "replicas"}
     )
-    model = _dataclass_from(
+    model = from_mapping(
         ModelSpec,
         "model",
         top["model"],
         {
-            "path": _opt(lambda w, v: os.path.expanduser(_typed(w, v, str))),
-            "preset": _opt(_str()),
-            "load_format": _str(LOAD_FORMATS),
-            "dtype": _str(DTYPES),
-            "max_model_len": _opt(_int(1)),
-            "tokenizer": _opt(_str()),
-            "served_model_name": _opt(_str()),
+            "path": optional(lambda w, v: os.path.expanduser(typed(w, v, str))),
+            "preset": optional(string()),
+            "load_format": string(LOAD_FORMATS),
+            "dtype": string(DTYPES),
+            "max_model_len": optional(integer(1)),
+            "tokenizer": optional(string()),
+            "served_model_name": optional(string()),
         },
     )
     if (model.path is None) == (model.preset is None):
@@ -334,19 +269,19 @@ def parse(raw: Any) -> DeploySpec:
     for i, n in enumerate(names):
         if n in names[:i]:
             raise SpecError(f"replicas[{i}].name: duplicate replica name {n!r}")
-    router = _dataclass_from(
+    router = from_mapping(
         RouterSpec,
         "router",
         top.get("router"),
         {
-            "host": _str(),
-            "port": _port,
-            "max_queue": _int(1),
-            "http_port": _port,
-            "metrics_port": _port,
-            "api_key_env": _str(),
-            "policy": _str(ROUTER_POLICIES),
-            "speculative_ttl_s": _seconds,
+            "host": string(),
+            "port": port,
+            "max_queue": integer(1),
+            "http_port": port,
+            "metrics_port": port,
+            "api_key_env": string(),
+            "policy": string(ROUTER_POLICIES),
+            "speculative_ttl_s": seconds,
         },
     )
     try:  # the knobs, their types and ranges are EngineConfig's own: listed once, there
@@ -357,28 +292,28 @@ def parse(raw: Any) -> DeploySpec:
     kv_store = (
         None
         if kv is None
-        else _dataclass_from(
+        else from_mapping(
             KVStoreSpec,
             "kv_store",
             kv,
             {
-                "name": _str(),
-                "host": _str(),
-                "port": _port,
-                "ucx_port": _port,
-                "metrics_port": _port,
-                "capacity_bytes": _int(1),
-                "shm_dir": _str(),
-                "disk_path": _opt(lambda w, v: os.path.expanduser(_typed(w, v, str))),
-                "disk_capacity_bytes": _int(0),
-                "write_policy": _str(KV_WRITE_POLICIES),
-                "lease_ttl_s": _seconds,
-                "put_timeout_s": _seconds,
-                "rpc_timeout_s": _seconds,
+                "name": string(),
+                "host": string(),
+                "port": port,
+                "ucx_port": port,
+                "metrics_port": port,
+                "capacity_bytes": integer(1),
+                "shm_dir": string(),
+                "disk_path": optional(lambda w, v: os.path.expanduser(typed(w, v, str))),
+                "disk_capacity_bytes": integer(0),
+                "write_policy": string(KV_WRITE_POLICIES),
+                "lease_ttl_s": seconds,
+                "put_timeout_s": seconds,
+                "rpc_timeout_s": seconds,
             },
         )
     )
-    registry = _typed("registry", top.get("registry", "embedded"), str)
+    registry = typed("registry", top.get("registry", "embedded"), str)
     if registry != "embedded" and not registry.startswith("redis://"):
         raise SpecError(f"registry: expected 'embedded' or redis://HOST:PORT/DB, got {registry!r}")
     _check_ports(replicas, router, kv_store)

@@ -153,14 +153,14 @@ class Head:
         self, seq_id: int, prompt: tuple[int, ...], sampling: SamplingParams, names: list[int]
     ) -> None:
         assert self.kv_agent is not None
-        hit = await self.kv_agent.acquire(prompt, names)
+        hit = await self.kv_agent.acquire(names)
         stream = self._streams.get(seq_id)
         if stream is None or self._failed is not None:  # cancelled (or the replica broke) meanwhile
             if hit is not None:
                 self.kv_agent.release_unused(hit.lease_id)
             return
         try:
-            self.scheduler.add(seq_id, list(prompt), sampling, store_hit=hit)
+            self.scheduler.add(seq_id, list(prompt), sampling, store_hit=hit, block_hashes=names)
         except ValueError as e:  # checked at submit: only a bug gets here
             self._streams.pop(seq_id, None)
             stream.put(e)

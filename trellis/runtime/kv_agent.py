@@ -129,20 +129,22 @@ class KVAgent:
 
     # ---- loads -----------------------------------------------------------------------------------
     def blocks_to_look_up(self, prompt_ids: Sequence[int]) -> list[int] | None:
-        """The prompt's names past the local match worth an Acquire, or None (no RPC needed)."""
+        """The names of the prompt's blocks that may be cached (all but the last token's) when the
+        local cache lacks some of them, or None (no RPC needed). The scheduler takes them too, so
+        the prompt is hashed once."""
         if not self.usable:
             return None
         size = self.fingerprint.block_size
         names = self.fingerprint.block_hashes(prompt_ids)[: (len(prompt_ids) - 1) // size]
-        local = self.scheduler.block_manager.cached_run(names)
-        return names[local:] if local < len(names) else None
+        return names if self.scheduler.block_manager.cached_run(names) < len(names) else None
 
-    async def acquire(self, prompt_ids: Sequence[int], names: list[int]) -> StoreHit | None:
-        """A lease on the store's run of ``names`` (the tail of the prompt's), or None."""
+    async def acquire(self, names: list[int]) -> StoreHit | None:
+        """A lease on the store's run of ``names`` past the local match, or None."""
         info = self.info
         assert info is not None
         self.stats.lookups += 1
-        first = (len(prompt_ids) - 1) // self.fingerprint.block_size - len(names)
+        first = self.scheduler.block_manager.cached_run(names)
+        names = names[first:]
         started = time.perf_counter()
         lease = await self._call("acquire", self.client.acquire(names, self.lease_ttl_s))
         self.stats.lookup_s += time.perf_counter() - started

@@ -26,8 +26,11 @@ from collections.abc import Sequence
 import torch
 
 from trellis.core import log
+from trellis.core.kv_names import kv_heads_of_rank
 from trellis.core.kv_store_api import SlotLayout
-from trellis.core.plan import KVCopy
+from trellis.core.model_config import ModelConfig
+from trellis.core.plan import KVCopy, StepPlan
+from trellis.runtime.model.parallel import TPGroup
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -176,3 +179,55 @@ def load_blocks(
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
     scatter_blocks(cache, ids, staged.to(cache.dtype).contiguous())  # one kernel into the cache
     return staged.numel() * staged.element_size()
+
+
+class StoreCopies:
+    """One rank's side of a plan's KV copies: its part of a slot, and the slab mapped once per store
+    instance (a restarted store names another slab, which is mapped in its place)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: tuple[int, int],
+        tp: TPGroup,
+        block_size: int,
+        dtype: str,
+        device: torch.device,
+    ) -> None:
+        self.layout = SlotLayout(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype
+        )
+        self.part = RankSlice(layers, kv_heads_of_rank(cfg, tp.size, tp.rank), self.layout)
+        self.tp = tp
+        self.device = device
+        self._slab: SlabView | None = None
+
+    def apply(self, plan: StepPlan, cache: torch.Tensor, num_blocks: int) -> bool:
+        """The plan's saves then loads; True if they failed on any rank of the stage (every rank
+        agrees, by one all-reduce): the head then voids what the loads fed and aborts the puts,
+        and the stage goes on serving."""
+        failed = False
+        try:
+            slab = self._slab_for(plan.kv_slab)
+            save_blocks(cache, slab, self.part, plan.kv_saves, num_blocks)
+            load_blocks(cache, slab, self.part, plan.kv_loads, num_blocks)
+        except SlabError as e:
+            log.get().warning("kv store copy failed; the head recomputes", step_id=plan.step_id, error=str(e))
+            failed = True
+        if self.tp.size > 1:
+            flag = torch.tensor([float(failed)], device=self.device)
+            failed = bool(self.tp.all_reduce(flag).item())
+        return failed
+
+    def _slab_for(self, path: str) -> SlabView:
+        if not path:
+            raise SlabError("the plan copies KV but names no store slab")
+        if self._slab is None or self._slab.path != path:  # first use, or a restarted store
+            self.close()
+            self._slab = SlabView(path, self.layout, self.device)
+        return self._slab
+
+    def close(self) -> None:
+        if self._slab is not None:
+            self._slab.close()
+            self._slab = None

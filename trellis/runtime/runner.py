@@ -11,13 +11,11 @@ import torch
 
 from trellis.core import log
 from trellis.core.errors import ModelError
-from trellis.core.kv_names import kv_heads_of_rank
-from trellis.core.kv_store_api import SlotLayout
 from trellis.core.model_config import ModelConfig, check_parallel
 from trellis.core.plan import SeqStep, StepPlan, StepResult
 from trellis.core.sampling import SamplingParams
 from trellis.runtime.cuda_graphs import DecodeGraphs
-from trellis.runtime.kv_copy import RankSlice, SlabError, SlabView, load_blocks, save_blocks
+from trellis.runtime.kv_copy import StoreCopies
 from trellis.runtime.model.attention import StepContext
 from trellis.runtime.model.attention_backend import AttentionBackend, TorchReferenceBackend
 from trellis.runtime.model.attention_metadata import AttentionMetadata, build_attention_metadata
@@ -72,10 +70,7 @@ class StageRunner:
         self.tp = tp
         self.device = torch.device(device)
         self.block_size = block_size
-        self.layers = layers
-        self._dtype_name = str(dtype).removeprefix("torch.")
-        self._slab: SlabView | None = None  # the KV store's slab, mapped on the first plan that copies
-        self.kv_copied_bytes = 0  # moved between this rank's cache and the store (tests, metrics)
+        self._store = StoreCopies(cfg, layers, tp, block_size, str(dtype).removeprefix("torch."), self.device)
         self.kv_failed = False  # the last plan's KV copies failed on some rank of this stage
         self.model = build_stage_model(
             cfg,
@@ -176,9 +171,7 @@ class StageRunner:
     def release(self) -> None:
         """Free the CUDA graphs (and the memory they pin) before the process group is torn down."""
         self.graphs = None
-        if self._slab is not None:
-            self._slab.close()
-            self._slab = None
+        self._store.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -190,9 +183,8 @@ class StageRunner:
         self._apply_diffs(plan)
         for step in plan.seqs:
             self._check_step(step)
-        self.kv_failed = False
-        if plan.kv_saves or plan.kv_loads:
-            self.kv_failed = self._copy_kv(plan)
+        copies = bool(plan.kv_saves or plan.kv_loads)
+        self.kv_failed = copies and self._store.apply(plan, self.kv_cache.data, self.num_blocks)
         if not plan.seqs and self.is_last:  # a plan that only copied KV (the head's idle saves)
             return StepResult(plan.step_id, (), (), kv_failed=self.kv_failed) if self.tp.is_leader else None
         if plan.decode_steps > 1:
@@ -293,46 +285,6 @@ class StageRunner:
             positions, [1] * len(positions), tables, block_size=self.block_size, device=self.device
         )
         return self.model.compute_logits(self._run_layers(step_plan, None, meta))
-
-    # ---- KV copies to and from the KV store ---------------------------------------------------------
-    def _copy_kv(self, plan: StepPlan) -> bool:
-        """The plan's saves then loads, each one gather / scatter over this rank's layers x heads.
-
-        True if they failed on any rank of the stage (every rank agrees, by one all-reduce): the
-        head then voids what the loads fed and aborts the puts; the stage itself goes on serving.
-        """
-        failed = False
-        try:
-            slab = self._slab_for(plan)
-            part = RankSlice(
-                self.layers, kv_heads_of_rank(self.cfg, self.tp.size, self.tp.rank), self._layout()
-            )
-            moved = save_blocks(self.kv_cache.data, slab, part, plan.kv_saves, self.num_blocks)
-            moved += load_blocks(self.kv_cache.data, slab, part, plan.kv_loads, self.num_blocks)
-            self.kv_copied_bytes += moved
-        except SlabError as e:
-            logger.warning("kv store copy failed; the head recomputes", step_id=plan.step_id, error=str(e))
-            failed = True
-        if self.tp.size > 1:
-            flag = torch.tensor([float(failed)], device=self.device)
-            failed = bool(self.tp.all_reduce(flag).item())
-        return failed
-
-    def _layout(self) -> SlotLayout:
-        c = self.cfg
-        return SlotLayout(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.block_size, self._dtype_name
-        )
-
-    def _slab_for(self, plan: StepPlan) -> SlabView:
-        if not plan.kv_slab:
-            raise SlabError("the plan copies KV but names no store slab")
-        if self._slab is None or self._slab.path != plan.kv_slab:  # first use, or a restarted store
-            if self._slab is not None:
-                self._slab.close()
-                self._slab = None
-            self._slab = SlabView(plan.kv_slab, self._layout(), self.device)
-        return self._slab
 
     def _apply_diffs(self, plan: StepPlan) -> None:
         for seq_id in plan.finished:

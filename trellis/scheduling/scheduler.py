@@ -25,7 +25,6 @@ store. Every lease is handed back through ``take_released_leases`` exactly once.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
@@ -36,6 +35,7 @@ from trellis.core.plan import KVCopy, NewRequest, SeqStep, StepPlan, StepResult
 from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import BlockManager
 from trellis.scheduling.checks import check_fits, sampled_tokens
+from trellis.scheduling.decode_burst import plan_burst
 from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
     InvalidRequestError,
     SchedulerConfig,
@@ -43,10 +43,9 @@ from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
     SchedulerError,
 )
 from trellis.scheduling.sequence import FinishReason, SeqStatus, Sequence, SeqUpdate, StoreHit
+from trellis.scheduling.store_loads import loadable_blocks, voided
 
 logger = log.get(component="scheduler")
-
-LEASE_MARGIN_S = 2.0  # a store lease closer than this to expiry is not loaded from (recompute)
 
 
 @dataclass
@@ -104,8 +103,12 @@ class Scheduler:
         prompt_ids: SequenceOf[int],
         sampling: SamplingParams,
         store_hit: StoreHit | None = None,
+        block_hashes: SequenceOf[int] = (),
     ) -> None:
-        """Queue a request; raises InvalidRequestError (a ValueError) if it can never be served."""
+        """Queue a request; raises InvalidRequestError (a ValueError) if it can never be served.
+
+        ``block_hashes``: the names of the prompt's leading full blocks when the caller hashed
+        them already (under this scheduler's cache_key), so they are not computed twice."""
         prompt = tuple(prompt_ids)
         if seq_id in self._seqs:
             raise InvalidRequestError(f"seq {seq_id} is already scheduled")
@@ -116,6 +119,7 @@ class Scheduler:
             sampling=sampling,
             arrival=self._next_arrival,
             store_hit=store_hit,
+            block_hashes=list(block_hashes),
         )
         self._next_arrival += 1
         self._seqs[seq_id] = seq
@@ -166,7 +170,10 @@ class Scheduler:
                     break  # first come, first served: nobody overtakes a waiting sequence
         if not batch.steps:
             return None
-        burst = self._burst(batch)
+        burst = 1
+        if self.config.decode_burst > 1:
+            seqs = [self._seqs[st.seq_id] for st in batch.steps]
+            burst = plan_burst(self.config, bool(self._waiting), seqs, batch.steps, self.block_manager)
         step_id = self._next_step_id
         self._next_step_id += 1
         plan = StepPlan(
@@ -250,9 +257,8 @@ class Scheduler:
         hits = self._loads.pop(result.step_id, [])
         if not hits:
             return set()
-        now = self._clock()
         self._released.extend(hit.lease_id for _, hit in hits)
-        return {sid for sid, hit in hits if result.kv_failed or now >= hit.expires_at}
+        return voided(hits, result.kv_failed, self._clock())
 
     def _reset_void(self, seq: Sequence) -> None:
         self._voided_loads += 1
@@ -318,7 +324,7 @@ class Scheduler:
         bm = self.block_manager
         size = self.config.block_size
         prefix = bm.match_prefix(seq)
-        loaded = self._store_blocks(seq, len(prefix), batch.slab)
+        loaded = loadable_blocks(seq.store_hit, len(prefix), batch.slab, seq.num_tokens, size, self._clock())
         cached = (len(prefix) + loaded) * size
         num_new = min(seq.num_tokens - cached, batch.budget)
         reserve = self._watermark if self._running else 0
@@ -340,28 +346,11 @@ class Scheduler:
             self._loaded_blocks += loaded
         elif hit is not None:
             self._released.append(hit.lease_id)  # its blocks are cached here already, or it expired
-        if not seq.announced:
-            seq.num_cached_tokens = cached
         self._waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         bisect.insort(self._running, seq, key=lambda s: s.arrival)
         self._add_to_batch(batch, seq, num_new)
         return True
-
-    def _store_blocks(self, seq: Sequence, local: int, batch_slab: str) -> int:
-        """Blocks past the local match ``local`` that the sequence's store lease covers and that are
-        safe to load: the lease must outlive the step by LEASE_MARGIN_S, its slab must be the one
-        of the batch's other loads (a plan names one), and one prompt token is always left to
-        compute (its logits give the next token)."""
-        hit = seq.store_hit
-        if hit is None or not hit.first_block <= local < hit.end_block:
-            return 0
-        if batch_slab and hit.slab != batch_slab:
-            return 0
-        if hit.expires_at - self._clock() < LEASE_MARGIN_S:
-            return 0
-        max_blocks = (seq.num_tokens - 1) // self.config.block_size
-        return max(0, min(hit.end_block, max_blocks) - local)
 
     def _add_to_batch(self, batch: _Batch, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens
@@ -383,40 +372,6 @@ class Scheduler:
         seq.num_synced_blocks = len(seq.block_table)
         seq.in_flight = True
         batch.budget -= num_new
-
-    def _burst(self, batch: _Batch) -> int:
-        """How many decode steps this batch may run on the device in a row (1: an ordinary step).
-
-        Only with one stage, nobody waiting to be admitted, and every sequence a greedy decode that
-        asks for no logprobs (a burst reports only ids); never past a sequence's max_tokens or the
-        context; blocks for every step allocated now.
-        """
-        cfg = self.config
-        if cfg.decode_burst == 1 or cfg.max_in_flight != 1 or self._waiting:
-            return 1
-        seqs = [self._seqs[st.seq_id] for st in batch.steps]
-        if any(len(st.token_ids) != 1 or not st.sample for st in batch.steps):
-            return 1
-        if any(not s.sampling.greedy or s.sampling.stop_token_ids for s in seqs):
-            return 1
-        if any(s.sampling.logprobs is not None for s in seqs):
-            return 1
-        burst = min(
-            [cfg.decode_burst]
-            + [s.sampling.max_tokens - len(s.output_ids) for s in seqs]
-            + [cfg.max_model_len - s.num_tokens for s in seqs]
-        )
-        bm = self.block_manager
-        # Each sequence already has a slot for its first step; room for all `burst` of them:
-        if burst <= 1 or sum(bm.num_new_blocks(s, burst) for s in seqs) > bm.num_free_blocks:
-            return 1
-        for i, (st, seq) in enumerate(zip(batch.steps, seqs, strict=True)):
-            bm.allocate_slots(seq, burst)
-            batch.steps[i] = dataclasses.replace(
-                st, new_blocks=tuple(seq.block_table[st.block_table_start :])
-            )
-            seq.num_synced_blocks = len(seq.block_table)
-        return burst
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

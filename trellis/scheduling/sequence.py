@@ -72,7 +72,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     store_hit: StoreHit | None = None  # a store lease to load from at admission (then dropped)
-    num_cached_tokens: int = 0  # of the prompt, found cached at first admission (local + store)
 
     @property
     def num_tokens(self) -> int:
