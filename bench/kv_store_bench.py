@@ -106,7 +106,7 @@ def copies(preset: str, device: torch.device, dtype: str, blocks: int, tmp: Path
     with path.open("r+b") as f:
         f.truncate(blocks * layout.slot_bytes)
     slab = SlabView(str(path), layout, device)
-    out["slab_pinned"] = slab._pinned
+    out["slab_pinned"] = slab.pinned
     part = RankSlice((0, cfg.num_hidden_layers), (0, cfg.num_key_value_heads), layout)
     block_list = ids.tolist()
     copy = [KVCopy(tuple(block_list), tuple(range(blocks)))]
@@ -114,8 +114,8 @@ def copies(preset: str, device: torch.device, dtype: str, blocks: int, tmp: Path
     load = timed(lambda: load_blocks(cache, slab, part, copy, num_blocks), device, reps=5)
     flat = slab.slots.view(-1)
     dev_flat = cache.view(-1)[: flat.numel()]
-    base_load = timed(lambda: dev_flat.copy_(flat, non_blocking=slab._pinned), device, reps=5)
-    base_save = timed(lambda: flat.copy_(dev_flat, non_blocking=slab._pinned), device, reps=5)
+    base_load = timed(lambda: dev_flat.copy_(flat, non_blocking=slab.pinned), device, reps=5)
+    base_save = timed(lambda: flat.copy_(dev_flat, non_blocking=slab.pinned), device, reps=5)
     out["store_save_gb_s"] = payload / save / 1e9
     out["store_load_gb_s"] = payload / load / 1e9
     out["plain_copy_to_cache_gb_s"] = payload / base_load / 1e9

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -27,9 +29,11 @@ from trellis.metrics.router_metrics import RouterMetrics
 from trellis.registry import RedisRegistry, Registry, open_registry
 from trellis.routing.kv_aware import BlockLocator, KVAwarePolicy
 from trellis.routing.kv_locators import HeadQueryLocator
-from trellis.routing.policy import ReplicaPolicy, least_load
+from trellis.routing.pd_policy import PDPolicy
+from trellis.routing.policy import least_load
 from trellis.routing.replicas import ReplicaSet
 from trellis.routing.router import Router
+from trellis.routing.transfers import Transfers
 from trellis.v1 import router_pb2_grpc
 from trellis.wire.server import build_server
 from trellis.wire.stage_client import GrpcStageClient
@@ -58,11 +62,13 @@ def _policy(
     replicas: ReplicaSet,
     metrics: RouterMetrics,
     closers: list[Callable[[], Awaitable[None]]],
-) -> ReplicaPolicy:
-    """spec.router.policy as a policy. kv-aware asks the block index: the Redis registry itself,
-    or (embedded registry: nothing shared between processes) the heads and the store directly."""
+) -> PDPolicy:
+    """spec.router.policy as a policy, wrapped for P/D (replicas of role prefill / decode: it pairs
+    them; with none, the policy decides alone). kv-aware asks the block index: the Redis registry
+    itself, or (embedded registry: nothing shared between processes) the heads and the store."""
+    max_local = spec.router.max_local_prefill_tokens
     if spec.router.policy != "kv-aware":
-        return least_load
+        return PDPolicy(least_load, max_local_prefill_tokens=max_local)
     fingerprint = fingerprint_of(cfg, spec.model.name, spec.model.dtype, spec.engine.block_size)
     locator: BlockLocator
     if isinstance(registry, RedisRegistry):
@@ -82,13 +88,14 @@ def _policy(
             deadline_s=LOCATOR_DEADLINE_S,
         )
     log.get().info("router policy kv-aware", fingerprint=fingerprint.key, canary=fingerprint.canary())
-    return KVAwarePolicy(
+    kv = KVAwarePolicy(
         locator,
         fingerprint,
         speculative_ttl_s=spec.router.speculative_ttl_s,
         locator_timeout_s=LOCATOR_DEADLINE_S + 0.02,
         metrics=metrics,
     )
+    return PDPolicy(kv, max_local_prefill_tokens=max_local)
 
 
 async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> int:
@@ -106,6 +113,12 @@ async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> in
     await replicas.start()
     closers: list[Callable[[], Awaitable[None]]] = []
     policy = _policy(spec, cfg, registry, replicas, metrics, closers)
+    transfers = Transfers(  # P/D: the transfer records in the registry (a soft dependency)
+        registry,
+        timeout_s=spec.router.handoff_timeout_s,
+        opened_by=f"router@{socket.gethostname()}:{os.getpid()}",
+        sink=metrics,
+    )
     router = Router(
         replicas,
         limits,
@@ -114,6 +127,7 @@ async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> in
         max_queue=spec.router.max_queue,
         policy=policy,
         metrics=metrics,
+        transfers=transfers,
     )
     server = build_server(
         host,
@@ -135,6 +149,7 @@ async def serve(spec: DeploySpec, registry_url: str, host: str, port: int) -> in
     await stop.wait()
     logger.info("router stopping")
     await asyncio.gather(server.stop(grace=STOP_GRACE_S), http.stop() if http else asyncio.sleep(0))
+    await transfers.drain(STOP_GRACE_S)  # the aborts and record closes of the last streams
     await replicas.close()
     for close in closers:
         await close()

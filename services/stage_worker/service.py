@@ -28,6 +28,7 @@ from typing import Protocol
 
 from trellis.core import log
 from trellis.core.kv_names import fingerprint_of
+from trellis.core.kv_store_api import SlotLayout
 from trellis.core.model_config import ModelConfig
 from trellis.core.request import RequestLimits
 from trellis.core.spec import DeploySpec
@@ -38,6 +39,7 @@ from trellis.registry.block_publisher import BlockPublisher
 from trellis.registry.locations import replica_location
 from trellis.runtime.bootstrap import launch_from_spec, link_ring, start_head
 from trellis.runtime.executor import StageExecutor
+from trellis.runtime.handoff_side import HandoffSide, default_slots
 from trellis.runtime.head import Head
 from trellis.runtime.kv_setup import StoreUse, attach_store
 from trellis.runtime.stage_loop import serve_stage
@@ -68,6 +70,7 @@ class StageService:
         self._canary = self.fingerprint.canary()  # the router compares it with its own (kv-aware)
         self.executor = StageExecutor(self.launch)
         self.head: Head | None = None  # on stage 0, once the ring is up
+        self.handoff: HandoffSide | None = None  # the head's P/D side, with the head
         self.ready = False
         self.draining = False
         self._registry: Registry | None = None  # once registered (not with the embedded registry)
@@ -121,7 +124,24 @@ class StageService:
             store_committed_blocks=0 if head.kv_agent is None else head.kv_agent.stats.committed_blocks,
             store_errors=0 if head.kv_agent is None else head.kv_agent.stats.errors,
             preemptions=st.get("preemptions", 0),
+            **self.handoff_stats(),
         )
+
+    def handoff_stats(self) -> dict[str, int]:
+        """StageStats' pd_* fields: the head's hand-off counters and its scheduler's."""
+        if self.head is None or self.handoff is None:
+            return {}
+        side, book = self.handoff.stats, self.head.scheduler.handoffs
+        return {
+            "pd_prefills": side.sent,
+            "pd_fallbacks": book.fallbacks,
+            "pd_blocks_sent": book.blocks_sent,
+            "pd_reserved": side.reserved,
+            "pd_committed": side.committed,
+            "pd_recomputed": side.recomputed,
+            "pd_voided": book.voided,
+            "pd_blocks_loaded": book.blocks_loaded,
+        }
 
     async def drain(self, timeout: float) -> bool:
         """Take no new requests from now on (for good: until restarted), health NOT_SERVING; wait
@@ -190,6 +210,7 @@ class StageService:
                 return False
             return end.stopped
         head = self.head = await start_head(self.executor, outbound, inbound, fingerprint=self.fingerprint)
+        self.handoff = self._handoff_side(head)
         if self.spec.kv_store is not None:
             await attach_store(head, self.fingerprint, StoreUse.from_spec(self.spec.kv_store))
         self.ready = True
@@ -198,12 +219,35 @@ class StageService:
             await head.run()
         finally:
             reporter.cancel()
+            self.handoff.close()
             if head.kv_agent is not None:
                 await head.kv_agent.close()
         if head.failed is not None:
             await asyncio.sleep(1.0)  # let the UNAVAILABLE statuses reach the router
             return False
         return True
+
+    def _handoff_side(self, head: Head) -> HandoffSide:
+        """The head's P/D side; a decode replica makes its hand-off slab now (others on first use)."""
+        cfg, engine = self.executor.ctx.cfg, self.spec.engine
+        layout = SlotLayout(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            engine.block_size,
+            self.spec.model.dtype,
+        )
+        side = HandoffSide(
+            head,
+            self.fingerprint,
+            layout,
+            replica=self.launch.replica,
+            num_slots=default_slots(self.launch.max_model_len, engine.block_size, engine.handoff_slots),
+            shm_dir=engine.handoff_dir,
+        )
+        if self.replica_spec.role == "decode":
+            side.ensure_slab()
+        return side
 
     async def _wait_ready(self, work: asyncio.Task) -> None:
         while not self.ready:

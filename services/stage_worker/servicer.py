@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.stage_worker.handoff_rpcs import HandoffRpcs
 from services.stage_worker.service import StageService
 from trellis.core import log
 from trellis.core.errors import InvalidRequest
+from trellis.core.handoff_api import HandoffError
 from trellis.core.request import check_request
 from trellis.core.sampling import DEFAULT_MAX_TOKENS
 from trellis.core.stage_api import StageStats, draining_refusal
@@ -22,12 +24,12 @@ from trellis.core.telemetry import incoming_context, span_attributes, tracer
 from trellis.runtime.head import ReplicaFailed
 from trellis.v1 import stage_pb2, stage_pb2_grpc
 from trellis.wire.plan_codec import logprob_to_pb, sampling_from_pb
-from trellis.wire.stage_client import unpack_hashes
+from trellis.wire.stage_client import handoff_from_pb, unpack_hashes
 
 _TRACER = tracer("trellis.stage_worker")
 
 
-class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
+class StageWorkerServicer(HandoffRpcs, stage_pb2_grpc.StageWorkerServicer):
     def __init__(self, service: StageService) -> None:
         self.service = service
 
@@ -43,7 +45,12 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
         head = svc.head
         if head is None or not svc.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is still starting")
-        if svc.draining:  # the router sees UNAVAILABLE "... is draining" and tries another replica
+        try:
+            handoff = handoff_from_pb(request.handoff) if request.HasField("handoff") else None
+        except HandoffError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        decode_half = handoff is not None and handoff.is_decode_half  # admitted at its reservation
+        if svc.draining and not decode_half:  # the router sees "... is draining" and tries another
             await context.abort(grpc.StatusCode.UNAVAILABLE, draining_refusal(svc.launch.replica))
         prompt = list(request.prompt_ids)
         try:
@@ -57,7 +64,12 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         logger = log.get(request_id=request.request_id)
         try:
-            stream = head.submit(prompt, sampling)
+            if handoff is None:
+                stream = head.submit(prompt, sampling)
+            elif handoff.is_decode_half:
+                stream = svc.handoff.submit_decode(prompt, sampling, handoff)
+            else:
+                stream = svc.handoff.submit_prefill(prompt, sampling, handoff)
         except ReplicaFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")
         except ValueError as e:
@@ -82,6 +94,7 @@ class StageWorkerServicer(stage_pb2_grpc.StageWorkerServicer):
                     token_ids=delta.token_ids,
                     finish_reason=str(delta.finish_reason or ""),
                     logprobs=[logprob_to_pb(lp) for lp in delta.logprobs],
+                    block_sums=delta.block_sums,
                 )
         except ReplicaFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {svc.launch.replica} failed: {e}")
@@ -148,4 +161,12 @@ def stats_to_pb(s: StageStats) -> stage_pb2.StageStats:
         prefix_hit_tokens=s.prefix_hit_tokens,
         store_loaded_blocks=s.store_loaded_blocks,
         store_voided_loads=s.store_voided_loads,
+        pd_prefills=s.pd_prefills,
+        pd_fallbacks=s.pd_fallbacks,
+        pd_blocks_sent=s.pd_blocks_sent,
+        pd_reserved=s.pd_reserved,
+        pd_committed=s.pd_committed,
+        pd_recomputed=s.pd_recomputed,
+        pd_voided=s.pd_voided,
+        pd_blocks_loaded=s.pd_blocks_loaded,
     )

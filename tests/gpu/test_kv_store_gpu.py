@@ -43,7 +43,7 @@ def test_slab_round_trip(tmp_path: Path, where: str | None) -> None:
     path = folder / "slab"
     path.write_bytes(bytes(6 * layout.slot_bytes))
     slab = SlabView(str(path), layout, CUDA)
-    assert slab._pinned == (where is not None)  # only a tmpfs slab is registered
+    assert slab.pinned == (where is not None)  # only a tmpfs slab is registered
     try:
         part = RankSlice((0, 4), (0, 8), layout)
         cache = torch.randn(4, 2, 10, 16, 8, 128, dtype=torch.bfloat16, device=CUDA)

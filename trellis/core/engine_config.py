@@ -42,6 +42,10 @@ class EngineConfig:
     load_report_s: float = 0.5  # how often a head reports its replica's load to the registry
     # SIGTERM or Drain: how long the admitted requests may take to finish (then the rest are cut).
     drain_grace_s: float = 30.0
+    # A decode replica's hand-off slab (P/D): staging slots, one whole-model KV block each, in a
+    # shared-memory file under handoff_dir. 0: as many as two prompts of max_model_len need.
+    handoff_slots: int = 0
+    handoff_dir: str = "/dev/shm"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -92,6 +96,7 @@ _MINIMUMS = {
     "one_shot_max_bytes": 0,
     "decode_burst": 1,
     "max_in_flight": 1,
+    "handoff_slots": 0,
 }
 _POSITIVE = ("link_timeout_s", "stop_timeout_s", "lease_ttl_s", "load_report_s", "drain_grace_s")
 

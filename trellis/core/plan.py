@@ -40,10 +40,15 @@ class SeqStep:
 @dataclass(frozen=True)
 class KVCopy:
     """Block i of ``block_ids`` (this replica's KV cache) <-> slot i of ``slots`` (the KV store's
-    slab). Every (stage, TP rank) copies only its own layers x KV heads of each block."""
+    slab). Every (stage, TP rank) copies only its own layers x KV heads of each block.
+
+    ``slab`` set: the slots are in that file instead, a decode replica's hand-off slab
+    (trellis/core/handoff_api.py), and every rank sums what it copies: the step's result carries
+    one checksum per slot (``StepResult.kv_sums``)."""
 
     block_ids: tuple[int, ...]
     slots: tuple[int, ...]
+    slab: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,15 @@ class StepPlan:
     kv_slab: str = ""
     kv_loads: tuple[KVCopy, ...] = ()
     kv_saves: tuple[KVCopy, ...] = ()
+    # P/D: copies of blocks out to decode replicas' hand-off slabs, made by every stage right after
+    # its layers ran this step (so a block this step completes goes out in the same step).
+    kv_sends: tuple[KVCopy, ...] = ()
+
+    @property
+    def summed_copies(self) -> tuple[KVCopy, ...]:
+        """The copies that report checksums, in the order of StepResult.kv_sums: the hand-off loads,
+        then the sends."""
+        return tuple(c for c in self.kv_loads if c.slab) + self.kv_sends
 
     @property
     def num_tokens(self) -> int:
@@ -93,3 +107,14 @@ class StepResult:
     # Some (stage, rank) could not make the plan's KV copies (e.g. the store's slab is gone): the
     # head voids the step for every sequence it loaded, and aborts the step's puts.
     kv_failed: bool = False
+    # One checksum per slot of plan.summed_copies, summed over every (stage, rank) (see KVCopy).
+    kv_sums: tuple[int, ...] = ()
+
+
+def add_kv_sums(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Two stages' (or ranks') checksums of one plan's hand-off slots, slot by slot."""
+    if not a or not b:
+        return a or b
+    if len(a) != len(b):
+        raise ValueError(f"hand-off checksums of {len(a)} and {len(b)} slots for one plan")
+    return tuple(x + y for x, y in zip(a, b, strict=True))

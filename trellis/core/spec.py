@@ -94,6 +94,10 @@ class RouterSpec:
     # KV store already hold of the prompt, its queued prefill and its decode load).
     policy: str = "least-load"
     speculative_ttl_s: float = 2.0  # kv-aware: a decision counts as "that replica holds it" this long
+    # P/D (replicas with role prefill / decode): a prompt whose part the decode replica lacks is at
+    # most this many tokens runs there whole; a longer one is prefilled on a prefill replica.
+    max_local_prefill_tokens: int = 512
+    handoff_timeout_s: float = 30.0  # a hand-off's deadline: the reservation and the transfer record
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,8 @@ def parse(raw: Any) -> DeploySpec:
             "api_key_env": string(),
             "policy": string(ROUTER_POLICIES),
             "speculative_ttl_s": seconds,
+            "max_local_prefill_tokens": integer(0),
+            "handoff_timeout_s": seconds,
         },
     )
     try:  # the knobs, their types and ranges are EngineConfig's own: listed once, there

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from trellis.core.handoff_api import HandoffRef
 from trellis.core.plan import TokenLogprob
 from trellis.core.sampling import SamplingParams
 
@@ -39,6 +40,7 @@ class StageRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams  # validated, max_tokens resolved
     trace_context: tuple[tuple[str, str], ...] = ()  # W3C trace headers of the caller's span
+    handoff: HandoffRef | None = None  # either half of a disaggregated request
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class StageChunk:
     token_ids: tuple[int, ...]
     finish_reason: str = ""  # set on the last chunk only
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked (sampling.logprobs)
+    block_sums: tuple[int, ...] = ()  # with finish_reason "handoff": P's checksum of each slot it copied
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,14 @@ class StageStats:
     store_voided_loads: int = 0
     store_committed_blocks: int = 0
     store_errors: int = 0
+    # P/D hand-offs (trellis/core/handoff_api.py), on the head: as prefill replica, then as decode.
+    pd_prefills: int = 0  # prefill halves submitted here (P)
+    pd_fallbacks: int = (
+        0  # prefill halves decoded here after all: no target, a refused or failed copy, a deadline (P)
+    )
+    pd_blocks_sent: int = 0  # KV blocks copied to decode replicas, confirmed (P)
+    pd_reserved: int = 0  # hand-off reservations made (D)
+    pd_committed: int = 0  # decode halves that found their reservation (D)
+    pd_recomputed: int = 0  # decode halves that did not, recomputed here (D)
+    pd_voided: int = 0  # hand-off loads voided (checksum or copy failure) and recomputed (D)
+    pd_blocks_loaded: int = 0  # KV blocks loaded from staging slots and checked (D)

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 from trellis.core.engine_config import EngineConfig
 from trellis.core.handoff_rules import handoff_ranks
@@ -39,35 +40,42 @@ def local_spec(
     gpus: tuple[int, ...] = (),
     kv_store: KVStoreSpec | None = None,
     router_policy: str = "least-load",
+    shapes: Sequence[tuple[int, int, str]] = (),
+    router: dict[str, Any] | None = None,
 ) -> DeploySpec:
     """A model directory, or a preset (dummy weights, for benchmarks). A port given as 0 is picked
     free; the HTTP API (`http`) and /metrics on every service (`metrics`) are off unless asked for.
     On cuda, stage s of replica r takes the next `tp` of `gpus` (default 0, 1, ...). `kv_store`
     (its sizes and policies; None: no store) runs on 127.0.0.1 with its ports placed as the
-    others' (no UCX port: its workers are on this host and read its slab through shared memory)."""
+    others' (no UCX port: its workers are on this host and read its slab through shared memory).
+    `shapes`: one (tp, stages, role) per replica instead of `replicas` alike (e.g. P/D pairs of
+    different shapes); `router`: more RouterSpec fields."""
     cfg = load_model_source(model_path, preset)
-    layers = split_layers(cfg.num_hidden_layers, stages)
+    shapes = tuple(shapes) or ((tp, stages, "both"),) * replicas
     # Per stage: control, UCX (TP rank r of a multi-stage replica listens on ucx_port + r), rendezvous.
-    ucx_run = handoff_ranks(tp, stages)
-    n_metrics = (1 + replicas * stages + int(kv_store is not None)) if metrics else 0
+    n_stages = sum(st for _, st, _ in shapes)
+    n_metrics = (1 + n_stages + int(kv_store is not None)) if metrics else 0
     n_kv = int(kv_store is not None)
-    runs = [1] + [1, ucx_run, 1] * (replicas * stages) + [1] * (int(http) + n_metrics + n_kv)
+    stage_runs = [run for t, st, _ in shapes for _ in range(st) for run in (1, handoff_ranks(t, st), 1)]
+    runs = [1, *stage_runs] + [1] * (int(http) + n_metrics + n_kv)
     ports = iter(free_port_runs(runs, host=LOCAL_HOST))
     port = next(ports)
     router_port = router_port or port
-    stage_ports = [(next(ports), next(ports), next(ports)) for _ in range(replicas * stages)]
-    router = RouterSpec(
+    stage_ports = [(next(ports), next(ports), next(ports)) for _ in range(n_stages)]
+    router_spec = RouterSpec(
         host=host,
         port=router_port,
         max_queue=max_queue,
         http_port=(http_port or next(ports)) if http else 0,
         metrics_port=next(ports) if metrics else 0,
         policy=router_policy,
+        **(router or {}),
     )
-    gpu = iter(gpus or range(replicas * stages * tp))
+    gpu = iter(gpus or range(sum(t * st for t, st, _ in shapes)))
     placed = iter(stage_ports)
     reps = []
-    for r in range(replicas):
+    for r, (tp, stages, role) in enumerate(shapes):
+        layers = split_layers(cfg.num_hidden_layers, stages)
         sts = []
         for s in range(stages):
             control, ucx, dist = next(placed)
@@ -84,7 +92,7 @@ def local_spec(
                     metrics_port=next(ports) if metrics else 0,
                 )
             )
-        reps.append(ReplicaSpec(name=f"r{r}", stages=tuple(sts)))
+        reps.append(ReplicaSpec(name=f"r{r}", stages=tuple(sts), role=role))
     model = ModelSpec(
         path=model_path,
         preset=preset,
@@ -104,7 +112,7 @@ def local_spec(
     return DeploySpec(
         model=model,
         replicas=tuple(reps),
-        router=router,
+        router=router_spec,
         engine=engine or EngineConfig(),
         kv_store=kv_store,
         registry=registry,

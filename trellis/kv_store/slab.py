@@ -67,30 +67,43 @@ class Slab:
 
     @classmethod
     def create(
-        cls, shm_dir: str | Path, name: str, instance_id: str, num_slots: int, slot_bytes: int
+        cls,
+        shm_dir: str | Path,
+        name: str,
+        instance_id: str,
+        num_slots: int,
+        slot_bytes: int,
+        *,
+        field: str = "kv_store",
     ) -> Slab:
         """Create, lock and map a new slab (after unlinking dead instances' slabs of `name`).
 
-        ConfigError naming kv_store.shm_dir if the directory is missing or lacks room."""
+        ConfigError naming the spec's fields (``field``: kv_store, or engine.handoff for a decode
+        replica's hand-off slab) if the directory is missing or lacks room."""
+        sizes, where_f = (
+            ("kv_store.capacity_bytes", "kv_store.shm_dir")
+            if field == "kv_store"
+            else (f"{field}_slots", f"{field}_dir")
+        )
         if num_slots < 1:
-            raise ConfigError(f"kv_store.capacity_bytes: less than one slot of {slot_bytes} bytes")
+            raise ConfigError(f"{sizes}: less than one slot of {slot_bytes} bytes")
         where = Path(shm_dir)
         if not where.is_dir():
-            raise ConfigError(f"kv_store.shm_dir: {where} is not a directory")
+            raise ConfigError(f"{where_f}: {where} is not a directory")
         remove_dead_slabs(where, name)
         size = num_slots * slot_bytes
         st = os.statvfs(where)
         room = st.f_bavail * st.f_frsize
         if room < size:
             raise ConfigError(
-                f"kv_store.shm_dir: {where} has {room} bytes free, the slab needs {size} "
-                f"({num_slots} slots of {slot_bytes}); lower kv_store.capacity_bytes or free room"
+                f"{where_f}: {where} has {room} bytes free, the slab needs {size} "
+                f"({num_slots} slots of {slot_bytes}); lower {sizes} or free room"
             )
         path = where / slab_name(name, instance_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)
         except OSError as e:
-            raise ConfigError(f"kv_store.shm_dir: cannot create {path}: {e.strerror}") from None
+            raise ConfigError(f"{where_f}: cannot create {path}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size)
@@ -100,9 +113,7 @@ class Slab:
         except OSError as e:
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise ConfigError(
-                f"kv_store.shm_dir: cannot allocate {size} bytes in {path}: {e.strerror}"
-            ) from None
+            raise ConfigError(f"{where_f}: cannot allocate {size} bytes in {path}: {e.strerror}") from None
 
     def view(self, slot: int) -> np.ndarray:
         """Slot `slot`'s bytes, as a writable uint8 view (no copy)."""

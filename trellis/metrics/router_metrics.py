@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # How a request ended at the router (trellis:requests_total{outcome}).
 OUTCOMES = ("ok", "invalid", "overloaded", "unavailable", "deadline", "cancelled", "error")
+# How a P/D request's path settled (trellis_router_handoffs_total; trellis/routing/handoff_stream.py).
+HANDOFF_OUTCOMES = ("handoff", "aggregated_fallback", "first_token_finished", "failed", "cancelled")
 
 # vLLM's buckets, with finer ones below: a CPU demo's tokens come in milliseconds.
 TTFT_BUCKETS = (
@@ -120,6 +122,22 @@ class RouterMetrics:
             ["model_name", "reason"],
             registry=reg,
         )
+        # P/D disaggregation: each paired request once, by how it settled; P's first token to D's.
+        self.handoffs = Counter(
+            "trellis_router_handoffs",
+            "Requests routed to a prefill/decode pair, by outcome: handoff (the decode replica "
+            "streamed), aggregated_fallback, first_token_finished, failed, cancelled.",
+            ["model_name", "outcome"],
+            registry=reg,
+        )
+        self._handoffs = {o: self.handoffs.labels(model_name, o) for o in HANDOFF_OUTCOMES}
+        self.handoff_seconds = Histogram(
+            "trellis_router_handoff_seconds",
+            "From the prefill replica's first token to the decode replica's first token.",
+            ["model_name"],
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        ).labels(model_name)
         self._series: dict[str, ReplicaSeries] = {}
 
     def series(self, replica: str) -> ReplicaSeries:
@@ -146,6 +164,15 @@ class RouterMetrics:
         """Count one KV-aware decision: the blocks it expects to hit of the prompt's full blocks."""
         self.kv_predicted_hit_blocks.labels(self.model_name, replica).inc(predicted_hit_blocks)
         self.kv_prompt_blocks.labels(self.model_name, replica).inc(prompt_blocks)
+
+    def handoff_ended(self, outcome: str) -> None:
+        """Count one paired request by how it settled (HANDOFF_OUTCOMES)."""
+        found = self._handoffs.get(outcome)
+        (found if found is not None else self.handoffs.labels(self.model_name, outcome)).inc()
+
+    def handoff_latency(self, seconds: float) -> None:
+        """Observe one hand-off's gap: the prefill replica's first token to the decode replica's."""
+        self.handoff_seconds.observe(seconds)
 
     def kv_fallback(self, reason: str) -> None:
         """Count one KV-aware decision that fell back to least-load."""

@@ -51,6 +51,22 @@ class StageFigures(Protocol):
     @property
     def stage_busy_s(self) -> Sequence[float]: ...
     @property
+    def pd_prefills(self) -> int: ...
+    @property
+    def pd_fallbacks(self) -> int: ...
+    @property
+    def pd_blocks_sent(self) -> int: ...
+    @property
+    def pd_reserved(self) -> int: ...
+    @property
+    def pd_committed(self) -> int: ...
+    @property
+    def pd_recomputed(self) -> int: ...
+    @property
+    def pd_voided(self) -> int: ...
+    @property
+    def pd_blocks_loaded(self) -> int: ...
+    @property
     def handoff_bytes_sent(self) -> int: ...
     @property
     def handoff_bytes_received(self) -> int: ...
@@ -147,6 +163,22 @@ class StageCollector(Collector):
                 s.store_committed_blocks,
             ),
             ("kv_store_errors", "Store calls that failed (each a fallback to recompute).", s.store_errors),
+            ("pd_prefills", "Prefill halves submitted here (P).", s.pd_prefills),
+            (
+                "pd_fallbacks",
+                "Prefill halves decoded here after all: no target, a refused or failed copy, a deadline (P).",
+                s.pd_fallbacks,
+            ),
+            ("pd_blocks_sent", "KV blocks copied to decode replicas, confirmed (P).", s.pd_blocks_sent),
+            ("pd_reserved", "Hand-off reservations made (D).", s.pd_reserved),
+            ("pd_committed", "Decode halves that found their reservation (D).", s.pd_committed),
+            ("pd_recomputed", "Decode halves that did not, recomputed here (D).", s.pd_recomputed),
+            (
+                "pd_voided",
+                "Hand-off loads voided (checksum or copy failure) and recomputed (D).",
+                s.pd_voided,
+            ),
+            ("pd_blocks_loaded", "KV blocks loaded from staging slots and checked (D).", s.pd_blocks_loaded),
         ):
             yield _counter(f"trellis:{name}", doc, labels, ident, value)
         busy = list(s.stage_busy_s)

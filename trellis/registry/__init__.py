@@ -1,4 +1,5 @@
-"""Global state of the mesh (membership, replica load, KV block index): embedded or on Redis."""
+"""Global state of the mesh (membership, replica load, KV block index, P/D transfers): embedded or on
+Redis."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from trellis.registry.base import (
     RegistryUnavailableError,
     ReplicaLoad,
     ReplicaView,
+    TransferRecord,
     complete_replicas,
 )
 from trellis.registry.block_publisher import BlockPublisher
@@ -34,6 +36,7 @@ __all__ = [
     "RegistryUnavailableError",
     "ReplicaLoad",
     "ReplicaView",
+    "TransferRecord",
     "complete_replicas",
     "members_from_spec",
     "open_registry",

@@ -1,4 +1,5 @@
-"""The registry's interface and records: who is in the mesh, how busy each replica is, who holds which block.
+"""The registry's interface and records: who is in the mesh, how busy each replica is, who holds which
+block, which P/D hand-offs are in flight.
 
 Two back ends implement `Registry`: embedded (in-process, membership from the deploy spec) and Redis
 (several hosts, membership by leases). Records cross process boundaries as JSON, never pickle.
@@ -137,6 +138,44 @@ class ReplicaLoad:
 
 
 @dataclass(frozen=True)
+class TransferRecord:
+    """One P/D hand-off in flight (trellis/core/handoff_api.py): the router that opened it, the
+    prefill and decode replicas, its deadline. Kept under a lease of the hand-off's timeout, so a
+    record whose router died goes by itself; a later epoch of the same transfer replaces it."""
+
+    transfer_id: str
+    epoch: int
+    prefill: str  # replica names
+    decode: str
+    deadline: float  # wall clock (unix seconds): past it, both sides have abandoned the transfer
+    opened_by: str  # the router instance that opened it
+
+    def __post_init__(self) -> None:
+        for name in ("transfer_id", "prefill", "decode", "opened_by"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidRecordError(f"transfer: {name} must be a non-empty string, got {value!r}")
+        if type(self.epoch) is not int or self.epoch < 1:
+            raise InvalidRecordError(
+                f"transfer {self.transfer_id}: epoch must be an integer >= 1, got {self.epoch!r}"
+            )
+        if isinstance(self.deadline, bool) or not isinstance(self.deadline, int | float):
+            raise InvalidRecordError(
+                f"transfer {self.transfer_id}: deadline must be a number, got {self.deadline!r}"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TransferRecord:
+        try:
+            return cls(**_known_fields(cls, _json_object("transfer", text)))
+        except TypeError as e:
+            raise InvalidRecordError(f"transfer record: {e}") from None
+
+
+@dataclass(frozen=True)
 class ReplicaView:
     """A complete replica: every stage of its chain present, layers tiling [0, num_layers) in order."""
 
@@ -197,6 +236,12 @@ def checked_location(location: str) -> str:
     if not isinstance(location, str) or not location:
         raise InvalidRecordError(f"block index: location must be a non-empty string, got {location!r}")
     return location
+
+
+def checked_ttl(what: str, ttl_s: float) -> float:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not ttl_s > 0:
+        raise InvalidRecordError(f"{what}: ttl_s must be > 0, got {ttl_s!r}")
+    return float(ttl_s)
 
 
 def checked_hashes(hashes: Sequence[int]) -> list[int]:
@@ -264,6 +309,19 @@ class Registry(Protocol):
     async def leading_runs(self, hashes: Sequence[int]) -> dict[str, int]:
         """For each live location, how many of ``hashes`` it holds from the start, up to its first
         miss (the block names of one prompt, in order). Locations with a run of 0 are left out."""
+        ...
+
+    async def open_transfer(self, record: TransferRecord, ttl_s: float) -> None:
+        """Record a P/D hand-off in flight for ttl_s (never renewed: its lease is its deadline);
+        opening the same transfer_id again replaces the record (a new epoch) and its lease."""
+        ...
+
+    async def close_transfer(self, transfer_id: str) -> None:
+        """Drop a transfer's record (done, whatever the outcome); nothing if it is gone already."""
+        ...
+
+    async def transfers(self) -> list[TransferRecord]:
+        """The live transfer records (none past its lease), by transfer id."""
         ...
 
     async def close(self) -> None:

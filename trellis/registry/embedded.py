@@ -1,9 +1,9 @@
 """The embedded registry: one host, no server. Membership comes from the deploy spec; state is in-process.
 
 There are no leases here: whoever holds this registry sees every change, so records never expire
-by themselves (loads excepted, which go stale). Registering replaces the slot's record, e.g. a
-worker that learned its real ports; deregistering removes it (the router does this for a replica
-it finds dead).
+by themselves (loads excepted, which go stale, and transfer records, which go at their TTL).
+Registering replaces the slot's record, e.g. a worker that learned its real ports; deregistering
+removes it (the router does this for a replica it finds dead).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from trellis.registry.base import (
     Member,
     ReplicaLoad,
     ReplicaView,
+    TransferRecord,
     checked_hashes,
     checked_location,
+    checked_ttl,
     complete_replicas,
 )
 
@@ -59,6 +61,7 @@ class EmbeddedRegistry:
         self._loads: dict[str, tuple[float, ReplicaLoad]] = {}  # replica -> (monotonic time, load)
         self._holders: dict[int, set[str]] = {}  # block hash -> locations
         self._held: dict[str, set[int]] = {}  # location -> block hashes
+        self._transfers: dict[str, tuple[float, TransferRecord]] = {}  # id -> (monotonic expiry, record)
 
     # ---- membership ----------------------------------------------------------------------------
 
@@ -91,6 +94,21 @@ class EmbeddedRegistry:
         for name in [n for n, (t, _) in self._loads.items() if t < oldest]:
             del self._loads[name]
         return {name: load for name, (_, load) in self._loads.items()}
+
+    # ---- P/D transfers ---------------------------------------------------------------------------
+
+    async def open_transfer(self, record: TransferRecord, ttl_s: float) -> None:
+        ttl_s = checked_ttl(f"transfer {record.transfer_id}", ttl_s)
+        self._transfers[record.transfer_id] = (time.monotonic() + ttl_s, record)
+
+    async def close_transfer(self, transfer_id: str) -> None:
+        self._transfers.pop(transfer_id, None)
+
+    async def transfers(self) -> list[TransferRecord]:
+        now = time.monotonic()
+        for tid in [t for t, (expiry, _) in self._transfers.items() if expiry <= now]:
+            del self._transfers[tid]  # past its lease: as on Redis, it is gone
+        return [rec for _, (_, rec) in sorted(self._transfers.items())]
 
     # ---- block index ---------------------------------------------------------------------------
 
@@ -131,6 +149,7 @@ class EmbeddedRegistry:
 
     async def close(self) -> None:
         self._loads.clear()
+        self._transfers.clear()
         self._holders.clear()
         self._held.clear()
 

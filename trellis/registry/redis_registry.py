@@ -1,4 +1,5 @@
-"""The Redis registry: several hosts share membership (by leases), replica load and the KV block index.
+"""The Redis registry: several hosts share membership (by leases), replica load, the KV block index and
+the P/D transfer records.
 
 Keys, all under ``{namespace}:`` so several meshes (or tests) can share one redis-server:
 
@@ -11,6 +12,8 @@ Keys, all under ``{namespace}:`` so several meshes (or tests) can share one redi
   stored inverted (per location, not per hash) so a location's entries are one key that expires
   with the lease of the process that added them, and adding a batch of blocks is one command.
   ``block_locations`` indexes them.
+- ``transfer:{transfer_id}``    a P/D hand-off in flight (JSON), with PX = its timeout, never renewed:
+  no record outlives its lease. ``transfers`` indexes them (it expires with its longest record).
 
 Every read-modify step runs as one Lua script, so it is atomic; index entries whose key expired are
 swept by the readers inside the same scripts. Values are JSON; nothing is pickled.
@@ -38,8 +41,10 @@ from trellis.registry.base import (
     RegistryUnavailableError,
     ReplicaLoad,
     ReplicaView,
+    TransferRecord,
     checked_hashes,
     checked_location,
+    checked_ttl,
     complete_replicas,
 )
 
@@ -87,8 +92,10 @@ class RedisRegistry:
         self._sweep = self._redis.register_script(scripts.SWEEP)
         self._lookup = self._redis.register_script(scripts.LOOKUP)
         self._leading_runs = self._redis.register_script(scripts.LEADING_RUNS)
+        self._open_transfer = self._redis.register_script(scripts.OPEN_TRANSFER)
         self._leases: dict[str, _Lease] = {}  # slot -> lease this instance holds
         self._locations: set[str] = set()  # block-index locations this instance keeps alive
+        self._transfers: set[str] = set()  # transfer records this instance opened and has not closed
         self._heartbeat: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # a new lease may need a shorter heartbeat period; or closing
         self._closing = False
@@ -246,6 +253,35 @@ class RedisRegistry:
             )
         return {loc: int(run) for loc, run in zip(flat[0::2], flat[1::2], strict=True)}
 
+    # ---- P/D transfers ---------------------------------------------------------------------------
+
+    async def open_transfer(self, record: TransferRecord, ttl_s: float) -> None:
+        ttl_ms = _ms(checked_ttl(f"transfer {record.transfer_id}", ttl_s))
+        self._check_open()
+        keys = [self._key("transfer", record.transfer_id), self._key("transfers")]
+        with self._talking(f"open transfer {record.transfer_id}"):
+            await self._open_transfer(keys, [record.to_json(), ttl_ms, record.transfer_id])
+        self._transfers.add(record.transfer_id)
+
+    async def close_transfer(self, transfer_id: str) -> None:
+        self._transfers.discard(transfer_id)
+        with self._talking(f"close transfer {transfer_id}"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key("transfer", transfer_id))
+                pipe.srem(self._key("transfers"), transfer_id)
+                await pipe.execute()
+
+    async def transfers(self) -> list[TransferRecord]:
+        with self._talking("read transfers"):
+            raws = await self._sweep([self._key("transfers")], [self._key("transfer", "")])
+        out = []
+        for raw in raws:
+            try:
+                out.append(TransferRecord.from_json(raw))
+            except InvalidRecordError as e:
+                logger.warning("registry skips a bad transfer record", error=str(e))
+        return sorted(out, key=lambda r: r.transfer_id)
+
     # ---- heartbeat -----------------------------------------------------------------------------
 
     def _ensure_heartbeat(self) -> None:
@@ -327,10 +363,13 @@ class RedisRegistry:
                 await self.deregister(lease.member)
             for location in list(self._locations):
                 await self.forget_location(location)
+            for transfer_id in list(self._transfers):
+                await self.close_transfer(transfer_id)
         except RegistryError as e:
             logger.warning("registry close could not release everything; leases will expire", error=str(e))
         self._leases.clear()
         self._locations.clear()
+        self._transfers.clear()
         await self._redis.aclose()
 
 

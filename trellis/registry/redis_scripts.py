@@ -48,6 +48,15 @@ end
 return 0
 """)
 
+# KEYS: transfer key, transfers index. ARGV: record, ttl ms, transfer id. The record is its own lease
+# (PX, never renewed); the index lives as long as its longest lease, so nothing outlives its records.
+OPEN_TRANSFER = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+
 # KEYS: an index set. ARGV: key prefix. The values of the live keys; dead names leave the index.
 SWEEP = """
 local out = {}

@@ -26,7 +26,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from trellis.core import log
 from trellis.core.kv_names import KVFingerprint
@@ -108,6 +108,30 @@ class _Runs:
     store_any: int  # host or disk (>= store_host)
 
 
+@dataclass(frozen=True)
+class KVEstimate(Generic[R]):
+    """What sending one prompt to one replica is expected to cost."""
+
+    replica: R
+    hit_blocks: int  # prompt blocks expected held there or in the store (not recomputed)
+    ttft_s: float
+
+
+@dataclass(frozen=True)
+class KVEstimates(Generic[R]):
+    """One prompt's estimates, by replica name."""
+
+    hashes: list[int]  # the prompt's block names
+    by_name: dict[str, KVEstimate[R]]
+    block_size: int  # tokens per block
+
+    def fastest(self, among: Sequence[R]) -> KVEstimate[R]:
+        """The least TTFT among these replicas (estimated here); ties: the least load, the first name."""
+        return min(
+            (self.by_name[r.name] for r in among), key=lambda e: (e.ttft_s, e.replica.load, e.replica.name)
+        )
+
+
 class KVAwarePolicy:
     def __init__(
         self,
@@ -135,27 +159,38 @@ class KVAwarePolicy:
         self._log = log.get()
 
     async def __call__(self, replicas: Sequence[R], prompt_ids: Sequence[int]) -> R:
+        found = await self.estimates(replicas, prompt_ids)
+        if found is None:
+            return least_load(replicas, prompt_ids)
+        best = found.fastest(replicas)
+        self.decided(found, best)
+        return best.replica
+
+    async def estimates(self, replicas: Sequence[R], prompt_ids: Sequence[int]) -> KVEstimates[R] | None:
+        """Every replica's estimate for this prompt (one locator call), or None when the policy
+        knows nothing of it (no full block, no replica that names blocks as we do, the locator
+        failed): then it is least-load's choice."""
         hashes = self.fingerprint.block_hashes(prompt_ids)
         usable = [r for r in replicas if self._canary_ok(r)]
         if not hashes or not usable:
-            return least_load(replicas, prompt_ids)
+            return None
         runs = await self._runs(hashes)
         if runs is None:
-            return least_load(replicas, prompt_ids)
+            return None
         self.speculative.expire()
-        best: tuple[float, int, str] | None = None
-        choice, choice_hit = replicas[0], 0
         usable_names = {r.name for r in usable}
         tokens = len(prompt_ids)
+        by_name: dict[str, KVEstimate[R]] = {}
         for r in replicas:
             hit, ttft = self._estimate(r, r.name in usable_names, hashes, tokens, runs)
-            key = (ttft, r.load, r.name)
-            if best is None or key < best:
-                best, choice, choice_hit = key, r, hit
-        self.speculative.record(choice.name, hashes)
+            by_name[r.name] = KVEstimate(r, hit, ttft)
+        return KVEstimates(hashes, by_name, self.block_size)
+
+    def decided(self, found: KVEstimates[R], chosen: KVEstimate[R]) -> None:
+        """The prompt goes to chosen: it counts as held there a while, and the decision is reported."""
+        self.speculative.record(chosen.replica.name, found.hashes)
         if self.metrics is not None:
-            self.metrics.kv_decision(choice.name, choice_hit, len(hashes))
-        return choice
+            self.metrics.kv_decision(chosen.replica.name, chosen.hit_blocks, len(found.hashes))
 
     def _estimate(
         self, r: KVCandidate, usable: bool, hashes: list[int], tokens: int, runs: _Runs

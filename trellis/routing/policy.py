@@ -3,7 +3,8 @@
 A policy is a function of the healthy replicas (never empty) and the request's prompt ids, so a
 KV-aware policy (prefer the replica that holds the prompt's prefix blocks, trellis/routing/kv_aware.py)
 can replace least-load without touching the router. A policy may be a plain function or a coroutine
-function (its answer is awaited): it must always answer one of the replicas it was given.
+function (its answer is awaited): it must always answer one of the replicas it was given (or, the
+P/D wrapper trellis/routing/pd_policy.py, a prefill/decode Pair of them).
 """
 
 from __future__ import annotations

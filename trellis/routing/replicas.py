@@ -63,6 +63,11 @@ class Replica:
         return self.view.name
 
     @property
+    def role(self) -> str:
+        """both / prefill / decode (P/D disaggregation: trellis/routing/pd_policy.py)."""
+        return self.view.role
+
+    @property
     def head(self) -> StageClient:
         return self.stages[0]
 

@@ -1,11 +1,13 @@
 """The router: one request in, a stream of text deltas out, whatever the front end (gRPC, HTTP).
 
 `Router.generate` validates (trellis.core.request, plus the router-only checks), tokenizes off the
-event loop, admits (Overloaded past max_queue), picks a replica (the policy), streams the head's
-tokens back detokenized, and maps how it ended. Invariants:
+event loop, admits (Overloaded past max_queue), picks a replica or a prefill/decode pair (the
+policy; trellis/routing/pd_policy.py), streams the tokens back detokenized (a pair's as one stream,
+trellis/routing/handoff_stream.py), and maps how it ended. Invariants:
 - every failure is an error of the tree (InvalidRequest, Overloaded, Unavailable, DeadlineExceeded);
   a replica that fails or goes down mid-stream is Unavailable, naming the replica; a head that
   refuses a request as draining (before any token) is skipped and the request goes to another;
+- a pair counts in flight on both replicas and is tracked by both: either going down cancels it;
 - an upstream request never outlives its client: if the reader goes away, or a stop string ends the
   text here before the head finishes, the upstream stream is cancelled (which frees its blocks);
 - the deltas' texts add up to the decode of the tokens, cut before the first stop string; the last
@@ -30,16 +32,19 @@ from trellis.core.errors import InvalidRequest, Overloaded, Unavailable
 from trellis.core.plan import TokenLogprob
 from trellis.core.request import RequestLimits, check_request, stop_problem
 from trellis.core.sampling import SamplingParams
-from trellis.core.stage_api import DRAINING
+from trellis.core.stage_api import DRAINING, draining_refusal
 from trellis.core.telemetry import outgoing_metadata, span_attributes, tracer
 from trellis.core.tokenizer import encode
 from trellis.metrics.request_observer import observe_requests
 from trellis.metrics.router_metrics import RouterMetrics
 from trellis.routing.detokenizer import IncrementalDetokenizer
+from trellis.routing.handoff_stream import HandoffStream
 from trellis.routing.info import ReplicaInfo, RouterInfo, StageInfo
+from trellis.routing.pd_policy import Pair, PDPolicy
 from trellis.routing.policy import ReplicaPolicy, least_load
 from trellis.routing.replicas import Replica, ReplicaSet
 from trellis.routing.stage_client import StageRequest, StageStream
+from trellis.routing.transfers import Transfers
 from trellis.routing.validation import Prompt, check_router_request
 
 DEFAULT_TIMEOUT_S = 600.0  # a request without a deadline still gets one upstream
@@ -48,7 +53,11 @@ FINISH = {"stop": "stop", "length": "length", "too_long": "length", "abort": "ab
 
 
 class _Draining(Unavailable):
-    """The head refused the request as draining before any token: it may go to another replica."""
+    """A head refused the request as draining before any token: it may go to another replica."""
+
+    def __init__(self, message: str, replicas: tuple[Replica, ...]) -> None:
+        super().__init__(message)
+        self.replicas = replicas  # the ones that refused
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,9 @@ class Router:
         *,
         model_name: str,
         max_queue: int,
-        policy: ReplicaPolicy = least_load,
+        policy: ReplicaPolicy | PDPolicy = least_load,
         metrics: RouterMetrics | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self.replicas = replicas
         self.limits = limits
@@ -93,6 +103,8 @@ class Router:
         self._tracer = tracer("trellis.router")
         # Each request's metrics and its one log line (observe_requests); a registry of its own if none.
         self.metrics = RouterMetrics(model_name) if metrics is None else metrics
+        # What the P/D hand-offs share (registry records, aborts in flight); none recorded if None.
+        self.transfers = Transfers(sink=self.metrics) if transfers is None else transfers
 
     @observe_requests
     async def generate(
@@ -113,23 +125,22 @@ class Router:
         prompt_ids, sampling = await self._checked(prompt, sampling, max_tokens_given, stop, request_id)
         refused: set[str] = set()  # replicas that refused it as draining (nothing ran there)
         while True:
-            replica = await self._admit(prompt_ids, refused)
+            choice = await self._admit(prompt_ids, refused)
+            serving = (choice.prefill, choice.decode) if isinstance(choice, Pair) else (choice,)
             span = self._tracer.start_span(
                 "router.generate",
                 attributes=span_attributes(
                     request_id=request_id,
-                    replica=replica.name,
+                    replica=choice.name,
                     prompt_tokens=len(prompt_ids),
                     max_tokens=sampling.max_tokens,
                 ),
             )
             upstream = StageRequest(request_id, prompt_ids, sampling, tuple(outgoing_metadata(span)))
-            stream = replica.head.submit(
-                upstream, timeout_s=DEFAULT_TIMEOUT_S if deadline_s is None else deadline_s
-            )
-            key = replica.track(stream)
+            stream = self._submit(choice, upstream, DEFAULT_TIMEOUT_S if deadline_s is None else deadline_s)
+            keys = [r.track(stream) for r in serving]
             try:
-                async with contextlib.aclosing(self._relay(replica, stream, upstream, stop)) as deltas:
+                async with contextlib.aclosing(self._relay(serving, stream, upstream, stop)) as deltas:
                     async for delta in deltas:
                         if delta.finish_reason and delta.usage is not None:
                             span.set_attributes(
@@ -143,21 +154,33 @@ class Router:
             except _Draining as e:
                 # Sent before the monitor saw the drain: nothing was generated, so another replica
                 # may take it; the last refusal is the answer when none is left.
-                self.replicas.mark_draining(replica)
-                refused.add(replica.name)
+                for r in e.replicas:
+                    self.replicas.mark_draining(r)
+                    refused.add(r.name)
                 if not any(r.name not in refused for r in self.replicas.healthy()):
                     raise Unavailable(str(e)) from None
             except Unavailable as e:
-                logger.warning("upstream failed", replica=replica.name, error=str(e))
+                logger.warning("upstream failed", replica=choice.name, error=str(e))
                 raise
             finally:
                 # A no-op when the head finished; otherwise (reader gone, stop string, failure) it
                 # ends the request upstream and frees its blocks.
                 stream.cancel()
-                replica.untrack(key)
+                for r, key in zip(serving, keys, strict=True):
+                    r.untrack(key)
+                    r.outstanding -= 1
                 span.end()
                 self.outstanding -= 1
-                replica.outstanding -= 1
+
+    def _submit(
+        self, choice: Replica | Pair[Replica], upstream: StageRequest, timeout_s: float
+    ) -> StageStream:
+        """The request's stream: one head's, or a pair's hand-off (P's first token, then D's)."""
+        if isinstance(choice, Pair):
+            return HandoffStream(
+                upstream, choice.prefill, choice.decode, timeout_s=timeout_s, transfers=self.transfers
+            )
+        return choice.head.submit(upstream, timeout_s=timeout_s)
 
     async def _checked(
         self,
@@ -182,9 +205,9 @@ class Router:
             ids = tuple(prompt or ())
         return ids, check_request(ids, sampling, self.limits, max_tokens_given=max_tokens_given)
 
-    async def _admit(self, prompt_ids: Sequence[int], refused: set[str]) -> Replica:
-        """A replica for the request, counted in flight (here and there) before it returns. The
-        request holds its place in max_queue while an async policy decides."""
+    async def _admit(self, prompt_ids: Sequence[int], refused: set[str]) -> Replica | Pair[Replica]:
+        """A replica (or a P/D pair) for the request, counted in flight (here and on each replica)
+        before it returns. The request holds its place in max_queue while an async policy decides."""
         if self.outstanding >= self.max_queue:
             raise Overloaded(
                 f"the router is at its limit of {self.max_queue} requests in flight; retry later"
@@ -194,18 +217,21 @@ class Router:
             raise Unavailable("no replica is serving")
         self.outstanding += 1
         try:
-            choice = self.policy(up, prompt_ids)
-            replica = await choice if inspect.isawaitable(choice) else choice
+            answer = self.policy(up, prompt_ids)
+            choice = await answer if inspect.isawaitable(answer) else answer
         except BaseException:
             self.outstanding -= 1
             raise
-        replica.outstanding += 1
-        return replica
+        for r in (choice.prefill, choice.decode) if isinstance(choice, Pair) else (choice,):
+            r.outstanding += 1
+        return choice
 
     async def _relay(
-        self, replica: Replica, stream: StageStream, upstream: StageRequest, stop: Sequence[str]
+        self, serving: tuple[Replica, ...], stream: StageStream, upstream: StageRequest, stop: Sequence[str]
     ) -> AsyncIterator[Delta]:
-        """The head's chunks as deltas, cut at a stop string; ends at the first finish reason."""
+        """The stream's chunks as deltas, cut at a stop string; ends at the first finish reason.
+        serving: the replica, or a pair's prefill and decode replicas (named "P->D")."""
+        name = "->".join(r.name for r in serving)
         detok = (
             IncrementalDetokenizer(self.tokenizer, upstream.prompt_ids, stop)
             if self.tokenizer is not None
@@ -227,7 +253,7 @@ class Router:
                     text=text,
                     finish_reason=finish,
                     usage=Usage(len(upstream.prompt_ids), completion) if finish else None,
-                    replica=replica.name if first else "",
+                    replica=name if first else "",
                     prompt_ids=upstream.prompt_ids if first else (),
                     logprobs=chunk.logprobs,
                 )
@@ -237,15 +263,17 @@ class Router:
         except Unavailable as e:
             message = str(e)
             if first and DRAINING in message:
-                raise _Draining(message) from None
-            if f"replica {replica.name}" not in message:
-                message = f"replica {replica.name} failed: {message}"
+                refusing = tuple(r for r in serving if draining_refusal(r.name) in message)
+                raise _Draining(message, refusing or serving) from None
+            if not any(f"replica {r.name}" in message for r in serving):
+                message = f"replica {name} failed: {message}"
             raise Unavailable(message) from None
-        # The stream ended without a finish: the monitor cancelled it (the replica went down), or
+        # The stream ended without a finish: the monitor cancelled it (a replica went down), or
         # the head dropped it.
-        raise Unavailable(
-            f"replica {replica.name} went down: {replica.down_reason or 'its stream ended early'}"
-        )
+        down = next((r for r in serving if r.down_reason), None)
+        if down is None:
+            raise Unavailable(f"replica {name} went down: its stream ended early")
+        raise Unavailable(f"replica {down.name} went down: {down.down_reason}")
 
     def info(self) -> RouterInfo:
         return RouterInfo(

@@ -12,6 +12,11 @@ The router's logic is written against these protocols only, so it runs over gRPC
   A stream cancelled this way just ends (no error) for whoever iterates it, so the one who
   cancelled decides what the reader is told.
 - Every call takes a deadline in seconds (no call waits forever).
+- P/D hand-off (trellis/core/handoff_api.py; the head only): `reserve_handoff` on the decode replica
+  answers where the prefill replica copies the prompt's KV (Overloaded when it has no room);
+  `attach_handoff` tells the prefill replica that target (None: decode it here, aggregated);
+  `abort_handoff` frees whatever a side holds for the transfer (idempotent; False: nothing was
+  held). Their failures are the same error tree as `submit`'s, raised by the call itself.
 
 The plain data (StageRequest, StageChunk, StageStats) lives in trellis.core.stage_api, a floor
 below, so the wire's gRPC client can build it.
@@ -22,9 +27,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
+from trellis.core.handoff_api import HandoffRef, HandoffTarget
 from trellis.core.stage_api import StageChunk, StageHealth, StageRequest, StageStats
 
 __all__ = [
+    "HandoffRef",
+    "HandoffTarget",
     "StageChunk",
     "StageClient",
     "StageClientFactory",
@@ -59,6 +67,24 @@ class StageClient(Protocol):
 
     async def match_prefix(self, hashes: Sequence[int], *, timeout_s: float) -> int:
         """The head only: how many of these block names, from the first, its prefix cache holds."""
+        ...
+
+    async def reserve_handoff(
+        self, transfer_id: str, epoch: int, prompt_ids: Sequence[int], ttl_s: float, *, timeout_s: float
+    ) -> HandoffTarget:
+        """The decode head: reserve blocks and staging slots for the prompt's blocks it lacks, held
+        ttl_s unless the decode half comes; Overloaded (RESOURCE_EXHAUSTED) when it has no room."""
+        ...
+
+    async def attach_handoff(
+        self, transfer_id: str, epoch: int, target: HandoffTarget | None, *, timeout_s: float
+    ) -> bool:
+        """The prefill head: copy the request's KV to target (None: decode it here). False: the
+        request is gone on that head (finished or cancelled)."""
+        ...
+
+    async def abort_handoff(self, transfer_id: str, epoch: int, *, timeout_s: float) -> bool:
+        """Either head: free what it holds for the transfer now. False: nothing was held there."""
         ...
 
     async def close(self) -> None: ...

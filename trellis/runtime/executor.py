@@ -44,6 +44,7 @@ class StageOutput:
     busy_s: float
     shape: tuple[int, ...] = ()
     kv_failed: bool = False  # this stage's KV copies for the plan failed (a StepResult carries its own)
+    kv_sums: tuple[int, ...] = ()  # this stage's checksums of the plan's hand-off slots (likewise)
 
 
 class StageExecutor:
@@ -96,7 +97,7 @@ class StageExecutor:
         shape = tuple(out.shape)
         if launch.sliced_handoff:
             out = column_slice(out, 0, launch.tp)
-        return StageOutput(out, self._synced_since(start), shape, ctx.runner.kv_failed)
+        return StageOutput(out, self._synced_since(start), shape, ctx.runner.kv_failed, ctx.runner.kv_sums)
 
     def _synced_since(self, start: float) -> float:
         if self.ctx.device.type == "cuda":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opentelemetry.trace import Span
@@ -28,6 +29,7 @@ from trellis.runtime.handoff import payload_tensor
 from trellis.runtime.kv_agent import KVAgent
 from trellis.runtime.stage_loop import send_output
 from trellis.scheduling.scheduler import Scheduler
+from trellis.scheduling.sequence import HandoffOut
 from trellis.transport.ucx import Link, LinkClosed
 from trellis.wire import pipe
 from trellis.wire.plan_codec import encode_plan
@@ -44,6 +46,7 @@ class TokenDelta:
     finish_reason: str | None
     logits: torch.Tensor | None = None  # [vocab] of the step that sampled this token, when asked
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked (sampling.logprobs)
+    block_sums: tuple[int, ...] = ()  # P/D, finish_reason "handoff": the checksum of each slot copied
 
 
 class RequestStream:
@@ -124,33 +127,57 @@ class Head:
         self._log = log.get()
         self.kv_agent: KVAgent | None = None  # the KV store's client side, when the spec has a store
         self._lookups: set[asyncio.Task[None]] = set()
+        self.finish_listeners: list[Callable[[int], None]] = []  # seq ids as their streams end
 
     def wake(self) -> None:
         """Look at the scheduler again (e.g. the KV agent has saves ready)."""
         self._events.put_nowait(None)
 
     # ---- requests --------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RequestStream:
-        """Queue a request; raises ValueError for a prompt that can never fit, ReplicaFailed if broken."""
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        handoff: HandoffOut | None = None,
+        outputs: Sequence[int] = (),
+    ) -> RequestStream:
+        """Queue a request; raises ValueError for a prompt that can never fit, ReplicaFailed if broken.
+        ``handoff``, ``outputs``: P/D (trellis/runtime/handoff_side.py, Scheduler.add)."""
         if self._failed is not None:
             raise ReplicaFailed(str(self._failed))
-        seq_id = self._next_seq
-        self._next_seq += 1
+        seq_id = self.new_seq_id()
+        more = {"handoff": handoff, "outputs": tuple(outputs)}
         names = None if self.kv_agent is None else self.kv_agent.blocks_to_look_up(prompt_ids)
         if names is None:
-            self.scheduler.add(seq_id, list(prompt_ids), sampling)
+            self.scheduler.add(seq_id, list(prompt_ids), sampling, **more)
         else:  # first a lease on the store's run of the blocks not cached here (one RPC)
             self.scheduler.check(tuple(prompt_ids), sampling)
-            task = asyncio.create_task(self._add_after_lookup(seq_id, tuple(prompt_ids), sampling, names))
+            lookup = self._add_after_lookup(seq_id, tuple(prompt_ids), sampling, names, more)
+            task = asyncio.create_task(lookup)
             self._lookups.add(task)
             task.add_done_callback(self._lookups.discard)
+        return self.adopt(seq_id, prompt_ids)
+
+    def new_seq_id(self) -> int:
+        seq_id = self._next_seq
+        self._next_seq += 1
+        return seq_id
+
+    def adopt(self, seq_id: int, prompt_ids: Sequence[int]) -> RequestStream:
+        """The stream of a sequence the scheduler holds (just added, or a committed hand-off)."""
         stream = RequestStream(seq_id, prompt_ids)
         self._streams[seq_id] = stream
         self._events.put_nowait(None)  # wake the loop
         return stream
 
     async def _add_after_lookup(
-        self, seq_id: int, prompt: tuple[int, ...], sampling: SamplingParams, names: list[int]
+        self,
+        seq_id: int,
+        prompt: tuple[int, ...],
+        sampling: SamplingParams,
+        names: list[int],
+        more: dict[str, Any],
     ) -> None:
         assert self.kv_agent is not None
         hit = await self.kv_agent.acquire(names)
@@ -160,7 +187,7 @@ class Head:
                 self.kv_agent.release_unused(hit.lease_id)
             return
         try:
-            self.scheduler.add(seq_id, list(prompt), sampling, store_hit=hit, block_hashes=names)
+            self.scheduler.add(seq_id, list(prompt), sampling, store_hit=hit, block_hashes=names, **more)
         except ValueError as e:  # checked at submit: only a bug gets here
             self._streams.pop(seq_id, None)
             stream.put(e)
@@ -171,6 +198,8 @@ class Head:
         if self._streams.pop(seq_id, None) is not None:
             self.scheduler.abort(seq_id)
             self._events.put_nowait(None)
+            for listener in self.finish_listeners:
+                listener(seq_id)
 
     @property
     def failed(self) -> Exception | None:
@@ -303,19 +332,22 @@ class Head:
             stream = self._streams.get(upd.seq_id)
             if stream is None:
                 continue
-            row = rows[upd.seq_id]
-            logits = None if result.logits is None else result.logits[row]
+            row = rows.get(upd.seq_id)  # None: a P/D hand-off finished by its copies alone
+            logits = None if result.logits is None or row is None else result.logits[row]
             stream.put(
                 TokenDelta(
                     tuple(upd.new_token_ids),
                     upd.finished,
                     upd.finish_reason,
                     logits,
-                    _seq_logprobs(result, row, len(upd.new_token_ids)),
+                    _seq_logprobs(result, row, len(upd.new_token_ids)) if row is not None else (),
+                    upd.block_sums,
                 )
             )
             if upd.finished:
                 del self._streams[upd.seq_id]
+                for listener in self.finish_listeners:
+                    listener(upd.seq_id)
 
     def _fail(self, error: Exception) -> None:
         self._failed = error if isinstance(error, ReplicaFailed) else ReplicaFailed(str(error))

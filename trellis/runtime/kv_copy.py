@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -30,13 +31,10 @@ from trellis.core.kv_names import kv_heads_of_rank
 from trellis.core.kv_store_api import SlotLayout
 from trellis.core.model_config import ModelConfig
 from trellis.core.plan import KVCopy, StepPlan
+from trellis.runtime.device_slab import DeviceSlabView, SlabError, is_device_slab
 from trellis.runtime.model.parallel import TPGroup
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class SlabError(RuntimeError):
-    """The slab cannot be mapped, or a copy names a slot outside it."""
 
 
 def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -89,22 +87,22 @@ class SlabView:
         self.num_slots = size // layout.slot_bytes
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=self.num_slots * layout.slot_bytes)
         self.slots = raw.view(_TORCH_DTYPES[layout.dtype]).view(self.num_slots, *layout.shape)
-        self._pinned = False
+        self.pinned = False
         # Page-locked: DMA at the link's rate, and non_blocking copies. Only a tmpfs slab: pages of a
         # file on disk may be written back and moved, and DMA into them failed on an H200 host.
         if device.type == "cuda" and on_tmpfs(path):
             cudart = torch.cuda.cudart()
-            self._pinned = int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) == 0
-            if not self._pinned:
+            self.pinned = int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) == 0
+            if not self.pinned:
                 # A failed registration (e.g. a slab on a filesystem that is not a tmpfs) leaves a
                 # CUDA error that the next kernel launch would report as its own: clear it.
                 cudart.cudaGetLastError()
                 log.get().warning("kv store slab not pinnable; copies run at pageable speed", path=path)
 
     def close(self) -> None:
-        if self._pinned:
+        if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
-            self._pinned = False
+            self.pinned = False
         del self.slots
         self._map.close()
 
@@ -134,13 +132,26 @@ def _check(copies: Sequence[KVCopy], num_blocks: int, num_slots: int) -> tuple[l
     return blocks, slots
 
 
+def slot_sums(slots: torch.Tensor) -> torch.Tensor:
+    """One checksum per slot of ``slots`` [n, ...]: the sum of its words as integers (int64), so the
+    sums of the parts every (stage, rank) copies add up to the whole slot's, whatever the split."""
+    words = slots.view({2: torch.int16, 4: torch.int32}[slots.element_size()])
+    return words.reshape(slots.shape[0], -1).sum(1, dtype=torch.int64)
+
+
 def save_blocks(
-    cache: torch.Tensor, slab: SlabView, part: RankSlice, copies: Sequence[KVCopy], num_blocks: int
+    cache: torch.Tensor,
+    slab: SlabView | DeviceSlabView,
+    part: RankSlice,
+    copies: Sequence[KVCopy],
+    num_blocks: int,
+    sums: list[torch.Tensor] | None = None,
 ) -> int:
     """Copy the listed cache blocks out to their slots (this rank's part). Returns bytes moved.
 
     ``cache``: the block-major [layers, 2, blocks, B, heads, D] tensor. On CUDA the copies are
-    queued on the current stream; the step's closing sync makes them complete.
+    queued on the current stream; the step's closing sync makes them complete. ``sums``: append
+    one checksum per slot (of the bytes as written).
     """
     blocks, slots = _check(copies, num_blocks, slab.num_slots)
     if not blocks:
@@ -148,32 +159,47 @@ def save_blocks(
     if cache.device.type == "cpu":
         for b, s in zip(blocks, slots, strict=True):
             part.of(slab.slots[s : s + 1])[0].copy_(cache[:, :, b])
+            if sums is not None:
+                sums.append(slot_sums(part.of(slab.slots[s : s + 1])))
         return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
     from trellis.runtime.kernels.kv_blocks import gather_blocks  # triton: the CUDA path only
 
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
     staged = gather_blocks(cache, ids)  # one kernel: [n, layers, 2, B, heads, D]
     for first, start, n in slot_runs(slots):
-        part.of(slab.slots[start : start + n]).copy_(staged[first : first + n], non_blocking=slab._pinned)
+        part.of(slab.slots[start : start + n]).copy_(staged[first : first + n], non_blocking=slab.pinned)
+    if sums is not None:
+        sums.append(slot_sums(staged))
     return staged.numel() * staged.element_size()
 
 
 def load_blocks(
-    cache: torch.Tensor, slab: SlabView, part: RankSlice, copies: Sequence[KVCopy], num_blocks: int
+    cache: torch.Tensor,
+    slab: SlabView | DeviceSlabView,
+    part: RankSlice,
+    copies: Sequence[KVCopy],
+    num_blocks: int,
+    sums: list[torch.Tensor] | None = None,
 ) -> int:
-    """Fill the listed cache blocks from their slots (this rank's part). Returns bytes moved."""
+    """Fill the listed cache blocks from their slots (this rank's part). Returns bytes moved;
+    ``sums``: append one checksum per slot (of the bytes as read)."""
     blocks, slots = _check(copies, num_blocks, slab.num_slots)
     if not blocks:
         return 0
     if cache.device.type == "cpu":
         for b, s in zip(blocks, slots, strict=True):
-            cache[:, :, b].copy_(part.of(slab.slots[s : s + 1])[0])
+            piece = part.of(slab.slots[s : s + 1])
+            if sums is not None:
+                sums.append(slot_sums(piece))
+            cache[:, :, b].copy_(piece[0])
         return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
     runs = slot_runs(slots)
     pieces = [part.of(slab.slots[start : start + n]) for _, start, n in runs]
     if cache.device.type == "cuda":
-        pieces = [p.to(cache.device, non_blocking=slab._pinned) for p in pieces]
+        pieces = [p.to(cache.device, non_blocking=slab.pinned) for p in pieces]
     staged = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if sums is not None:
+        sums.append(slot_sums(staged.contiguous()))
     from trellis.runtime.kernels.kv_blocks import scatter_blocks  # triton: the CUDA path only
 
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
@@ -182,8 +208,11 @@ def load_blocks(
 
 
 class StoreCopies:
-    """One rank's side of a plan's KV copies: its part of a slot, and the slab mapped once per store
-    instance (a restarted store names another slab, which is mapped in its place)."""
+    """One rank's side of a plan's KV copies: its part of a slot, and each slab it copies through
+    (the store's, decode replicas' hand-off slabs) mapped once, up to MAX_SLABS of them (a
+    restarted store names another slab, which is mapped beside, the old one dropped in time)."""
+
+    MAX_SLABS = 8
 
     def __init__(
         self,
@@ -197,37 +226,83 @@ class StoreCopies:
         self.layout = SlotLayout(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype
         )
-        self.part = RankSlice(layers, kv_heads_of_rank(cfg, tp.size, tp.rank), self.layout)
+        heads = kv_heads_of_rank(cfg, tp.size, tp.rank)
+        self.part = RankSlice(layers, heads, self.layout)
+        # With more ranks than KV heads a head is held by several ranks: only the lowest one sends it
+        # and counts it in the checksums (the others would add the same bytes again).
+        self.primary = tp.rank == 0 or kv_heads_of_rank(cfg, tp.size, tp.rank - 1) != heads
         self.tp = tp
         self.device = device
-        self._slab: SlabView | None = None
+        self._slabs: OrderedDict[str, SlabView | DeviceSlabView] = OrderedDict()
+        self._owned: dict[str, torch.Tensor] = {}  # device slabs of this process (its hand-off slab)
+        self._sums: list[torch.Tensor] = []
+        self._failed = False
 
     def apply(self, plan: StepPlan, cache: torch.Tensor, num_blocks: int) -> bool:
-        """The plan's saves then loads; True if they failed on any rank of the stage (every rank
-        agrees, by one all-reduce): the head then voids what the loads fed and aborts the puts,
-        and the stage goes on serving."""
+        """The plan's saves then loads (before its layers); True if they failed on any rank of the
+        stage (every rank agrees, by one all-reduce): the head then voids what the loads fed and
+        aborts the puts, and the stage goes on serving. Hand-off loads are summed (see `finish`)."""
         failed = False
+        self._sums, self._failed = [], False  # this plan's, for `finish`
+        if not (plan.kv_saves or plan.kv_loads):
+            return False
         try:
-            slab = self._slab_for(plan.kv_slab)
-            save_blocks(cache, slab, self.part, plan.kv_saves, num_blocks)
-            load_blocks(cache, slab, self.part, plan.kv_loads, num_blocks)
+            if plan.kv_saves:
+                save_blocks(cache, self._slab_for(plan.kv_slab), self.part, plan.kv_saves, num_blocks)
+            for copy in plan.kv_loads:
+                sums = self._sums if copy.slab else None
+                slab = self._slab_for(copy.slab or plan.kv_slab)
+                load_blocks(cache, slab, self.part, [copy], num_blocks, sums)
         except SlabError as e:
             log.get().warning("kv store copy failed; the head recomputes", step_id=plan.step_id, error=str(e))
             failed = True
         if self.tp.size > 1:
             flag = torch.tensor([float(failed)], device=self.device)
             failed = bool(self.tp.all_reduce(flag).item())
+        self._failed = failed
         return failed
 
-    def _slab_for(self, path: str) -> SlabView:
+    def finish(self, plan: StepPlan, cache: torch.Tensor, num_blocks: int) -> tuple[bool, tuple[int, ...]]:
+        """After the layers: the plan's sends (a block this step completed goes out now), then the
+        stage's checksums of every summed slot, added over the TP group (one all-reduce). Returns
+        (failed on some rank, the sums: one per slot of plan.summed_copies)."""
+        failed = self._failed
+        try:
+            for copy in plan.kv_sends if self.primary else ():
+                save_blocks(cache, self._slab_for(copy.slab), self.part, [copy], num_blocks, self._sums)
+        except SlabError as e:
+            log.get().warning("kv hand-off send failed", step_id=plan.step_id, error=str(e))
+            failed = True
+        n = sum(len(c.slots) for c in plan.summed_copies)
+        ok = not failed and (not self.primary or sum(t.numel() for t in self._sums) == n)
+        sums = torch.cat(self._sums).to(self.device) if ok and self._sums else None
+        if sums is None:
+            sums = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._sums = []
+        if self.tp.size > 1:
+            both = torch.cat([torch.tensor([int(not ok)], dtype=torch.int64, device=self.device), sums])
+            both = self.tp.all_reduce(both)
+            ok, sums = not bool(both[0].item()), both[1:]
+        return not ok, tuple(sums.tolist()) if ok else ()
+
+    def own(self, name: str, slots: torch.Tensor) -> None:
+        """A device slab this process allocated (a decode head's hand-off slab): used as it is."""
+        self._owned[name] = slots
+
+    def _slab_for(self, path: str) -> SlabView | DeviceSlabView:
         if not path:
-            raise SlabError("the plan copies KV but names no store slab")
-        if self._slab is None or self._slab.path != path:  # first use, or a restarted store
-            self.close()
-            self._slab = SlabView(path, self.layout, self.device)
-        return self._slab
+            raise SlabError("the plan copies KV but names no slab")
+        slab = self._slabs.get(path)
+        if slab is None and is_device_slab(path):  # a decode replica's slab in GPU memory
+            slab = self._slabs[path] = DeviceSlabView(path, self.layout, self.device, self._owned.get(path))
+        elif slab is None:  # first use (or a restarted store's new slab)
+            slab = self._slabs[path] = SlabView(path, self.layout, self.device)
+            if len(self._slabs) > self.MAX_SLABS:
+                self._slabs.popitem(last=False)[1].close()
+        self._slabs.move_to_end(path)
+        return slab
 
     def close(self) -> None:
-        if self._slab is not None:
-            self._slab.close()
-            self._slab = None
+        for slab in self._slabs.values():
+            slab.close()
+        self._slabs.clear()

@@ -5,6 +5,7 @@ the KV cache and every sequence's block table.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ class StageRunner:
         self.block_size = block_size
         self._store = StoreCopies(cfg, layers, tp, block_size, str(dtype).removeprefix("torch."), self.device)
         self.kv_failed = False  # the last plan's KV copies failed on some rank of this stage
+        self.kv_sums: tuple[int, ...] = ()  # the last plan's hand-off checksums on this stage
         self.model = build_stage_model(
             cfg,
             layers=layers,
@@ -177,14 +179,27 @@ class StageRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
+    def own_slab(self, name: str, slots: torch.Tensor) -> None:
+        """A hand-off slab this process allocated in GPU memory (see trellis/runtime/device_slab.py)."""
+        self._store.own(name, slots)
+
     def execute(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
         """Run one step. Returns hidden [tokens, hidden_size] on a non-last stage, a StepResult on the
         last stage's TP rank 0, and None on the last stage's other ranks."""
         self._apply_diffs(plan)
         for step in plan.seqs:
             self._check_step(step)
-        copies = bool(plan.kv_saves or plan.kv_loads)
-        self.kv_failed = copies and self._store.apply(plan, self.kv_cache.data, self.num_blocks)
+        self.kv_failed = self._store.apply(plan, self.kv_cache.data, self.num_blocks)
+        out = self._compute(plan, hidden)
+        self.kv_sums = ()
+        if plan.summed_copies:  # hand-off copies: the sends, then every slot's checksum
+            failed, self.kv_sums = self._store.finish(plan, self.kv_cache.data, self.num_blocks)
+            self.kv_failed = self.kv_failed or failed
+            if isinstance(out, StepResult):
+                out = dataclasses.replace(out, kv_failed=self.kv_failed, kv_sums=self.kv_sums)
+        return out
+
+    def _compute(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | StepResult | None:
         if not plan.seqs and self.is_last:  # a plan that only copied KV (the head's idle saves)
             return StepResult(plan.step_id, (), (), kv_failed=self.kv_failed) if self.tp.is_leader else None
         if plan.decode_steps > 1:

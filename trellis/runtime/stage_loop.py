@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from opentelemetry.trace import Span, Tracer
 
 from trellis.core import log
-from trellis.core.plan import StepResult
+from trellis.core.plan import StepResult, add_kv_sums
 from trellis.core.telemetry import span_attributes, step_tracer
 from trellis.metrics.handoff_clock import HandoffClock
 from trellis.runtime.executor import StageExecutor, StageOutput
@@ -49,22 +49,30 @@ async def send_output(
     busy_before: Sequence[float],
     handoff: HandoffClock | None = None,
     kv_failed_before: bool = False,
+    kv_sums_before: tuple[int, ...] = (),
 ) -> None:
     """Pass one plan's output on, this stage's busy seconds appended: activations (with the plan's
     bytes as they came, never re-encoded) to the next stage, or the result to the head (the ids in
     the header with any logprobs, the logits if asked as the payload).
-    A KV copy failure of an earlier stage (`kv_failed_before`) or this one travels on to the head.
+    A KV copy failure of an earlier stage (`kv_failed_before`) or this one travels on to the head,
+    and so do the hand-off checksums, this stage's added to the earlier ones' (`kv_sums_before`).
     The send's seconds go to `handoff`."""
     busy = (*busy_before, out.busy_s)
     started = time.perf_counter()
     if isinstance(out.value, StepResult):
-        r = dataclasses.replace(out.value, logits=None, kv_failed=out.value.kv_failed or kv_failed_before)
+        r = dataclasses.replace(
+            out.value,
+            logits=None,
+            kv_failed=out.value.kv_failed or kv_failed_before,
+            kv_sums=add_kv_sums(out.value.kv_sums, kv_sums_before),
+        )
         header = pipe.encode(pipe.Result(r, busy))  # the logits go as the payload
         r = out.value
         await link.send(header, None if r.logits is None else r.logits.contiguous())
     else:
         failed = out.kv_failed or kv_failed_before
-        msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy, failed)
+        sums = add_kv_sums(out.kv_sums, kv_sums_before)
+        msg = pipe.Activations(plan_bytes, launch.dtype, out.shape, launch.slices, busy, failed, sums)
         await link.send(pipe.encode(msg), out.value)
     if handoff is not None:
         handoff.add(time.perf_counter() - started)
@@ -108,7 +116,7 @@ async def _serve(
         header, payload = await inbound.recv()
         msg = pipe.decode(header)
         match msg:
-            case pipe.Activations(plan_bytes, dtype, _, slices, busy, _):
+            case pipe.Activations(plan_bytes, dtype, _, slices, busy, _, _):
                 try:
                     if slices != launch.slices:
                         raise ValueError(
@@ -124,7 +132,9 @@ async def _serve(
                     logger.error("stage failed", error=why)
                     await report_failure(outbound, why)
                     return StageEnd(False, why)
-                await send_output(outbound, plan_bytes, out, launch, busy, handoff, msg.kv_failed)
+                await send_output(
+                    outbound, plan_bytes, out, launch, busy, handoff, msg.kv_failed, msg.kv_sums
+                )
                 if span is not None:
                     span.end()
             case pipe.Hello(token, num_blocks):

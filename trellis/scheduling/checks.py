@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from trellis.core import log
 from trellis.core.plan import SeqStep, StepResult
 from trellis.core.request import RequestLimits, prompt_problem, sampling_problem
 from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import blocks_for
 from trellis.scheduling.scheduler_config import InvalidRequestError, SchedulerConfig, SchedulerError
+from trellis.scheduling.sequence import FinishReason, Sequence
 
 TOKEN_ID_LIMIT = 2**31  # token ids are hashed as int32
 
@@ -50,3 +52,20 @@ def sampled_tokens(result: StepResult, steps: tuple[SeqStep, ...], burst: int) -
     if bad:
         raise SchedulerError(f"step {result.step_id}: token id {bad[0]!r} is not in [0, 2^31)")
     return sampled
+
+
+def finish_reason(seq: Sequence, token: int, cfg: SchedulerConfig) -> FinishReason | None:
+    """Why ``seq`` ends with ``token`` just appended, or None: it goes on."""
+    sampling = seq.sampling
+    if token in sampling.stop_token_ids:
+        return FinishReason.STOP
+    if not sampling.ignore_eos and token in cfg.eos_token_ids:
+        return FinishReason.STOP
+    if len(seq.output_ids) >= sampling.max_tokens or seq.num_tokens >= cfg.max_model_len:
+        return FinishReason.LENGTH
+    if seq.num_tokens > cfg.num_blocks * cfg.block_size:  # feeding the new token needs one block too many
+        log.get(component="scheduler").warning(
+            "kv_cache_too_small_for_seq", seq_id=seq.seq_id, num_tokens=seq.num_tokens
+        )
+        return FinishReason.TOO_LONG
+    return None

@@ -31,19 +31,29 @@ from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 from trellis.core import log
+from trellis.core.handoff_api import QUARANTINE_S
 from trellis.core.plan import KVCopy, NewRequest, SeqStep, StepPlan, StepResult
 from trellis.core.sampling import SamplingParams
 from trellis.scheduling.block_manager import BlockManager
-from trellis.scheduling.checks import check_fits, sampled_tokens
+from trellis.scheduling.checks import check_fits, finish_reason, sampled_tokens
 from trellis.scheduling.decode_burst import plan_burst
+from trellis.scheduling.handoff import HandoffBook
+from trellis.scheduling.pd_requests import PDRequests
 from trellis.scheduling.scheduler_config import (  # noqa: F401 - re-exported
     InvalidRequestError,
     SchedulerConfig,
     SchedulerConfigError,
     SchedulerError,
 )
-from trellis.scheduling.sequence import FinishReason, SeqStatus, Sequence, SeqUpdate, StoreHit
-from trellis.scheduling.store_loads import loadable_blocks, voided
+from trellis.scheduling.sequence import (
+    FinishReason,
+    HandoffOut,
+    SeqStatus,
+    Sequence,
+    SeqUpdate,
+    StoreHit,
+)
+from trellis.scheduling.store_loads import StoreLoads, loadable_blocks
 
 logger = log.get(component="scheduler")
 
@@ -59,13 +69,14 @@ class _Batch:
     loads: list[KVCopy] = field(default_factory=list)
     slab: str = ""  # the store slab of this batch's loads (one per plan)
     load_hits: list[tuple[int, StoreHit]] = field(default_factory=list)  # (seq id, its lease)
+    handoff_loads: list[tuple[int, int]] = field(default_factory=list)  # (seq id, slots), P/D
 
     @property
     def full(self) -> bool:
         return self.budget <= 0 or len(self.steps) >= self.max_seqs
 
 
-class Scheduler:
+class Scheduler(PDRequests, StoreLoads):
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.time) -> None:
         """``clock``: unix seconds, the clock store leases expire by."""
         self.config = config
@@ -74,6 +85,7 @@ class Scheduler:
         self._released: list[str] = []  # lease ids done with, for the KV agent to release
         self._loaded_blocks = 0
         self._voided_loads = 0
+        self.handoffs = HandoffBook(config.block_size)
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching, config.cache_key
         )
@@ -87,11 +99,10 @@ class Scheduler:
         self._next_arrival = 0
         self._num_preemptions = 0
         self._watermark = int(config.num_blocks * config.admission_watermark)
-        self._capacity_tokens = config.num_blocks * config.block_size
-        if self._capacity_tokens < config.max_model_len:
+        if config.num_blocks * config.block_size < config.max_model_len:
             logger.warning(
                 "kv_cache_smaller_than_max_model_len",
-                capacity_tokens=self._capacity_tokens,
+                capacity_tokens=config.num_blocks * config.block_size,
                 max_model_len=config.max_model_len,
             )
 
@@ -104,11 +115,15 @@ class Scheduler:
         sampling: SamplingParams,
         store_hit: StoreHit | None = None,
         block_hashes: SequenceOf[int] = (),
+        handoff: HandoffOut | None = None,
+        outputs: SequenceOf[int] = (),
     ) -> None:
         """Queue a request; raises InvalidRequestError (a ValueError) if it can never be served.
 
         ``block_hashes``: the names of the prompt's leading full blocks when the caller hashed
-        them already (under this scheduler's cache_key), so they are not computed twice."""
+        them already (under this scheduler's cache_key), so they are not computed twice.
+        ``handoff``: P/D, the prefill half (trellis/scheduling/handoff.py). ``outputs``: tokens
+        generated elsewhere (a decode half whose KV did not arrive): recomputed like a preemption."""
         prompt = tuple(prompt_ids)
         if seq_id in self._seqs:
             raise InvalidRequestError(f"seq {seq_id} is already scheduled")
@@ -120,6 +135,8 @@ class Scheduler:
             arrival=self._next_arrival,
             store_hit=store_hit,
             block_hashes=list(block_hashes),
+            output_ids=list(outputs),
+            handoff_out=handoff,
         )
         self._next_arrival += 1
         self._seqs[seq_id] = seq
@@ -149,7 +166,7 @@ class Scheduler:
         if len(self._outstanding) >= self.config.max_in_flight:
             return None
         batch = _Batch(budget=self.config.max_num_batched_tokens, max_seqs=self.config.max_num_seqs)
-        ready = [s for s in self._running if not s.in_flight]
+        ready = [s for s in self._running if not (s.in_flight or s.parked)]
         decodes = [s for s in ready if s.num_uncomputed_tokens == 1]
         chunks = [s for s in ready if s.num_uncomputed_tokens > 1]
         preempted = False
@@ -168,7 +185,8 @@ class Scheduler:
             for seq in list(self._waiting):
                 if batch.full or not self._admit(batch, seq):
                     break  # first come, first served: nobody overtakes a waiting sequence
-        if not batch.steps:
+        sends = self.handoffs.sends(self._running, batch.steps, self._clock())
+        if not (batch.steps or sends):
             return None
         burst = 1
         if self.config.decode_burst > 1:
@@ -184,12 +202,14 @@ class Scheduler:
             decode_steps=burst,
             kv_loads=tuple(batch.loads),
             kv_slab=batch.slab,
+            kv_sends=tuple(c for _, c in sends),
         )
         self._pending_finished.clear()
         self._outstanding[step_id] = plan.seqs
         self._bursts[step_id] = burst
         if batch.load_hits:
             self._loads[step_id] = batch.load_hits
+        self.handoffs.record(step_id, batch.handoff_loads, sends)
         return plan
 
     def copy_only_plan(self) -> StepPlan | None:
@@ -205,11 +225,6 @@ class Scheduler:
         self._bursts[step_id] = 1
         return plan
 
-    def take_released_leases(self) -> list[str]:
-        """Store leases no sequence needs any more (loaded and checked, or never used), once each."""
-        out, self._released = self._released, []
-        return out
-
     def complete(self, result: StepResult) -> list[SeqUpdate]:
         """Apply a step's sampled ids; returns one update per sampled live sequence, in plan order."""
         steps = self._outstanding.get(result.step_id)
@@ -220,6 +235,8 @@ class Scheduler:
         del self._outstanding[result.step_id]
         del self._bursts[result.step_id]
         void = self._void_loads(result)
+        void_in, sent = self.handoffs.returned(result, self._seqs, void)
+        void |= void_in
         updates: list[SeqUpdate] = []
         for step in steps:
             seq = self._seqs[step.seq_id]
@@ -240,35 +257,19 @@ class Scheduler:
             for token in sampled[seq.seq_id]:  # a burst's tokens past a finish are dropped
                 seq.output_ids.append(token)
                 new.append(token)
-                reason = self._finish_reason(seq, token)
+                reason = finish_reason(seq, token, self.config)
                 if reason is not None:
                     break
             if reason is not None:
                 self._finish(seq, reason)
             elif burst > 1:  # only now are the burst's tokens known, and with them its blocks' names
                 self.block_manager.register_computed(seq)
+            elif seq.handoff_out is not None and not seq.handoff_out.decode_here:
+                seq.handoff_out.parked = True  # P/D: the first token is out, the rest is D's
             updates.append(SeqUpdate(seq.seq_id, tuple(new), reason is not None, reason))
-        return updates
+        return self._finish_handoffs(updates, sent | {st.seq_id for st in steps})
 
     # -- introspection ---------------------------------------------------------------------------
-
-    def _void_loads(self, result: StepResult) -> set[int]:
-        """The sequences of this step whose store loads cannot be trusted (see the module doc)."""
-        hits = self._loads.pop(result.step_id, [])
-        if not hits:
-            return set()
-        self._released.extend(hit.lease_id for _, hit in hits)
-        return voided(hits, result.kv_failed, self._clock())
-
-    def _reset_void(self, seq: Sequence) -> None:
-        self._voided_loads += 1
-        logger.warning("store load voided; recomputing", seq_id=seq.seq_id)
-        if seq.abort_requested:
-            self._finish(seq, FinishReason.ABORT)
-            return
-        self._preempt(seq)
-        seq.num_preemptions -= 1  # not a preemption: counted as a voided load
-        self._num_preemptions -= 1
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._outstanding)
@@ -306,7 +307,8 @@ class Scheduler:
         size = self.config.block_size
         preempted = False
         while (len(seq.block_table) + bm.num_free_blocks) * size - seq.num_computed_tokens < 1:
-            victim = next(s for s in reversed(self._running) if not s.in_flight)  # seq is a candidate
+            # seq is a candidate; a parked P/D sequence is not (it holds its blocks for its copies)
+            victim = next(s for s in reversed(self._running) if not (s.in_flight or s.parked))
             if victim is seq:
                 if any(s.in_flight and s.arrival > seq.arrival for s in self._running):
                     return 0, preempted  # a newer one is in flight: take its blocks when it returns
@@ -353,6 +355,10 @@ class Scheduler:
         return True
 
     def _add_to_batch(self, batch: _Batch, seq: Sequence, num_new: int) -> None:
+        load = self.handoffs.load(seq)  # P/D: a decode half's first step fills its blocks first
+        if load is not None:
+            batch.loads.append(load)
+            batch.handoff_loads.append((seq.seq_id, len(load.slots)))
         start = seq.num_computed_tokens
         if not seq.announced:
             batch.new_requests.append(NewRequest(seq.seq_id, seq.prompt_ids, seq.sampling))
@@ -374,6 +380,8 @@ class Scheduler:
         batch.budget -= num_new
 
     def _preempt(self, seq: Sequence) -> None:
+        self.handoffs.drop_in(seq)  # its KV is recomputed instead
+        self.handoffs.rewind(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_synced_blocks = 0  # the next plan sends the whole new table from index 0
@@ -384,23 +392,12 @@ class Scheduler:
         bisect.insort(self._waiting, seq, key=lambda s: s.arrival)
         logger.debug("preempted", seq_id=seq.seq_id, num_tokens=seq.num_tokens)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        sampling = seq.sampling
-        if token in sampling.stop_token_ids:
-            return FinishReason.STOP
-        if not sampling.ignore_eos and token in self.config.eos_token_ids:
-            return FinishReason.STOP
-        if len(seq.output_ids) >= sampling.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return FinishReason.LENGTH
-        if seq.num_tokens > self._capacity_tokens:  # feeding the new token needs one block too many
-            logger.warning("kv_cache_too_small_for_seq", seq_id=seq.seq_id, num_tokens=seq.num_tokens)
-            return FinishReason.TOO_LONG
-        return None
-
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.store_hit is not None:  # finished (aborted) before it was admitted
             self._released.append(seq.store_hit.lease_id)
             seq.store_hit = None
+        if seq.handoff_in is not None:
+            self.handoffs.drop_in(seq, seq.handoff_in.deadline + QUARANTINE_S)
         self.block_manager.free(seq)
         if seq.status is SeqStatus.RUNNING:
             self._running.remove(seq)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
+from trellis.core.handoff_api import HandoffTarget
 from trellis.core.sampling import SamplingParams
 
 
 class SeqStatus(Enum):
     WAITING = "waiting"  # not started, or preempted (then it keeps its output ids)
     RUNNING = "running"  # holds KV blocks; prefilling in chunks or decoding
+    RESERVED = "reserved"  # a decode replica's hand-off reservation: holds blocks, not yet runnable
     FINISHED = "finished"
 
 
@@ -23,6 +25,7 @@ class FinishReason(StrEnum):
     LENGTH = "length"  # max_tokens reached, or the sequence reached max_model_len
     ABORT = "abort"  # the client went away or cancelled
     TOO_LONG = "too_long"  # the next token needs more KV blocks than the whole cache holds
+    HANDOFF = "handoff"  # a prefill replica's half is done: the KV is in the decode replica's slots
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class SeqUpdate:
     new_token_ids: tuple[int, ...]
     finished: bool
     finish_reason: FinishReason | None = None
+    block_sums: tuple[int, ...] = ()  # with HANDOFF: the checksum of each target slot, in order
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,38 @@ class StoreHit:
     @property
     def end_block(self) -> int:
         return self.first_block + len(self.slots)
+
+
+@dataclass(eq=False)
+class HandoffOut:
+    """A prefill replica's side of one request's hand-off: copy blocks [target.first_block, ...) of
+    its prompt into the target's slots, then finish (the first token was streamed, the rest is D's)."""
+
+    transfer_id: str
+    target: HandoffTarget | None = None  # None until attached
+    decode_here: bool = False  # no decode replica took it (or a copy failed): run it whole here
+    sent: int = 0  # target blocks put in plans so far
+    confirmed: int = 0  # of those, blocks whose step came back with their checksums
+    sums: dict[int, int] = field(default_factory=dict)  # target slot -> checksum
+    parked: bool = False  # the first token is out: waiting for the copies, never decoded here
+
+    @property
+    def done(self) -> bool:
+        return self.target is not None and self.parked and self.confirmed == self.target.num_blocks
+
+
+@dataclass(eq=False)
+class HandoffIn:
+    """A decode replica's side: blocks [first_block, ...) of the prompt reserved, staged in ``slots``
+    of its hand-off slab; at commit, loaded before the sequence's first step and checked."""
+
+    transfer_id: str
+    first_block: int
+    slots: tuple[int, ...]
+    deadline: float  # unix s: a reservation not committed by then is dropped
+    expected: tuple[int, ...] = ()  # P's checksums, from the commit
+    committed: bool = False
+    loading: bool = False  # in a plan whose result has not come back
 
 
 @dataclass(eq=False)
@@ -72,6 +108,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     store_hit: StoreHit | None = None  # a store lease to load from at admission (then dropped)
+    handoff_out: HandoffOut | None = None  # P/D, on the prefill replica
+    handoff_in: HandoffIn | None = None  # P/D, on the decode replica
+
+    @property
+    def parked(self) -> bool:
+        return self.handoff_out is not None and self.handoff_out.parked
 
     @property
     def num_tokens(self) -> int:

@@ -8,9 +8,11 @@ reused the slots while a stage read them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from trellis.scheduling.sequence import StoreHit
+from trellis.core import log
+from trellis.core.plan import StepResult
+from trellis.scheduling.sequence import FinishReason, Sequence, StoreHit
 
 LEASE_MARGIN_S = 2.0  # a store lease closer than this to expiry is not loaded from (recompute)
 
@@ -34,3 +36,37 @@ def loadable_blocks(
 def voided(hits: Iterable[tuple[int, StoreHit]], kv_failed: bool, now: float) -> set[int]:
     """The sequences whose loads in a returned step cannot be trusted."""
     return {seq_id for seq_id, hit in hits if kv_failed or now >= hit.expires_at}
+
+
+class StoreLoads:
+    """The scheduler's store-load bookkeeping (a mixin of Scheduler, trellis/scheduling/scheduler.py):
+    which leases a returned step used, which loads it voids, and the leases to hand back."""
+
+    _loads: dict[int, list[tuple[int, StoreHit]]]
+    _released: list[str]
+    _clock: Callable[[], float]
+    _voided_loads: int
+    _num_preemptions: int
+
+    def take_released_leases(self) -> list[str]:
+        """Store leases no sequence needs any more (loaded and checked, or never used), once each."""
+        out, self._released = self._released, []
+        return out
+
+    def _void_loads(self, result: StepResult) -> set[int]:
+        """The sequences of this step whose store loads cannot be trusted (see the module doc)."""
+        hits = self._loads.pop(result.step_id, [])
+        if not hits:
+            return set()
+        self._released.extend(hit.lease_id for _, hit in hits)
+        return voided(hits, result.kv_failed, self._clock())
+
+    def _reset_void(self, seq: Sequence) -> None:
+        self._voided_loads += 1
+        log.get(component="scheduler").warning("store load voided; recomputing", seq_id=seq.seq_id)
+        if seq.abort_requested:
+            self._finish(seq, FinishReason.ABORT)
+            return
+        self._preempt(seq)
+        seq.num_preemptions -= 1  # not a preemption: counted as a voided load
+        self._num_preemptions -= 1

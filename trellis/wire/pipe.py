@@ -25,6 +25,7 @@ class Activations:
     slices: int = 1  # > 1: the payload is columns [0, hidden / slices); the rest go rank to rank
     stage_busy_s: tuple[float, ...] = ()  # compute seconds of each stage so far, stage 0 first
     kv_failed: bool = False  # a stage so far could not make the plan's KV copies
+    kv_sums: tuple[int, ...] = ()  # the plan's hand-off checksums so far, summed over the stages
 
     @property
     def payload_shape(self) -> tuple[int, ...]:
@@ -75,10 +76,16 @@ PipeMessage = Activations | HiddenSlice | Result | Stop | PipeError | Hello
 
 def encode(msg: PipeMessage) -> bytes:
     match msg:
-        case Activations(plan, dtype, shape, slices, busy, kv_failed):
+        case Activations(plan, dtype, shape, slices, busy, kv_failed, kv_sums):
             pb = plan_pb2.PipeMessage(
                 activations=plan_pb2.Activations(
-                    plan=plan, dtype=dtype, shape=shape, slices=slices, stage_busy_s=busy, kv_failed=kv_failed
+                    plan=plan,
+                    dtype=dtype,
+                    shape=shape,
+                    slices=slices,
+                    stage_busy_s=busy,
+                    kv_failed=kv_failed,
+                    kv_sums=kv_sums,
                 )
             )
         case HiddenSlice(step_id, rank, dtype, shape):
@@ -106,7 +113,13 @@ def decode(data: bytes) -> PipeMessage:
         case "activations":
             a = pb.activations
             return Activations(
-                a.plan, a.dtype, tuple(a.shape), a.slices or 1, tuple(a.stage_busy_s), a.kv_failed
+                a.plan,
+                a.dtype,
+                tuple(a.shape),
+                a.slices or 1,
+                tuple(a.stage_busy_s),
+                a.kv_failed,
+                tuple(a.kv_sums),
             )
         case "slice":
             h = pb.slice

@@ -81,8 +81,9 @@ def plan_to_pb(plan: StepPlan) -> plan_pb2.StepPlan:
         return_logits=plan.return_logits,
         decode_steps=plan.decode_steps,
         kv_slab=plan.kv_slab,
-        kv_loads=[plan_pb2.KVCopy(block_ids=c.block_ids, slots=c.slots) for c in plan.kv_loads],
-        kv_saves=[plan_pb2.KVCopy(block_ids=c.block_ids, slots=c.slots) for c in plan.kv_saves],
+        kv_loads=[_copy_to_pb(c) for c in plan.kv_loads],
+        kv_saves=[_copy_to_pb(c) for c in plan.kv_saves],
+        kv_sends=[_copy_to_pb(c) for c in plan.kv_sends],
     )
 
 
@@ -111,13 +112,18 @@ def plan_from_pb(m: plan_pb2.StepPlan) -> StepPlan:
         kv_slab=m.kv_slab,
         kv_loads=tuple(_copy_from_pb(c) for c in m.kv_loads),
         kv_saves=tuple(_copy_from_pb(c) for c in m.kv_saves),
+        kv_sends=tuple(_copy_from_pb(c) for c in m.kv_sends),
     )
+
+
+def _copy_to_pb(c: KVCopy) -> plan_pb2.KVCopy:
+    return plan_pb2.KVCopy(block_ids=c.block_ids, slots=c.slots, slab=c.slab)
 
 
 def _copy_from_pb(m: plan_pb2.KVCopy) -> KVCopy:
     if len(m.block_ids) != len(m.slots):
         raise ValueError(f"a KV copy lists {len(m.block_ids)} blocks but {len(m.slots)} store slots")
-    return KVCopy(tuple(m.block_ids), tuple(m.slots))
+    return KVCopy(tuple(m.block_ids), tuple(m.slots), m.slab)
 
 
 def encode_plan(plan: StepPlan) -> bytes:
@@ -143,6 +149,7 @@ def result_to_pb(r: StepResult) -> plan_pb2.StepResult:
             if lp is not None
         ],
         kv_failed=r.kv_failed,
+        kv_sums=r.kv_sums,
     )
 
 
@@ -160,4 +167,5 @@ def result_from_pb(m: plan_pb2.StepResult) -> StepResult:
         steps=m.steps or 1,
         logprobs=tuple(logprobs),
         kv_failed=m.kv_failed,
+        kv_sums=tuple(m.kv_sums),
     )

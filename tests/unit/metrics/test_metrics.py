@@ -149,6 +149,14 @@ class Figures:
     store_voided_loads: int = 1
     store_committed_blocks: int = 30
     store_errors: int = 2
+    pd_prefills: int = 5
+    pd_fallbacks: int = 1
+    pd_blocks_sent: int = 40
+    pd_reserved: int = 0
+    pd_committed: int = 0
+    pd_recomputed: int = 0
+    pd_voided: int = 0
+    pd_blocks_loaded: int = 0
 
 
 class FakeClock:
@@ -196,6 +204,7 @@ def test_the_head_reports_its_scheduler_blocks_prefix_cache_and_bubble() -> None
     assert got[key("trellis:num_preemptions_total", me)] == 1
     assert got[key("trellis:kv_store_loaded_blocks_total", me)] == 12
     assert got[key("trellis:kv_store_voided_loads_total", me)] == 1
+    assert got[key("trellis:pd_blocks_sent_total", me)] == 40
     assert got[key("trellis:kv_store_committed_blocks_total", me)] == 30
     assert got[key("trellis:kv_store_errors_total", me)] == 2
     assert got[key("trellis:stage_busy_seconds_total", me)] == 0.5
