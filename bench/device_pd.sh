@@ -2,7 +2,7 @@
 # One GPU, P/D disaggregation: the GPU tests (the hand-off's CUDA path and the rest of the one-GPU
 # suite), the hand-off's data path between two processes, then the P/D mesh against the colocated
 # one (TTFT, decode inter-token latency while long prompts arrive). Results land in $OUT.
-#   PART=tests|handoff|mesh picks one part (each fits one 10-minute call); default: all.
+#   PART=tests|rest|handoff|mesh picks one part (each fits one 10-minute call); default: all.
 source bench/device_env.sh
 PART=${PART:-all}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -15,6 +15,8 @@ run() {
 if [ "$PART" = all ] || [ "$PART" = tests ]; then
   step "P/D GPU tests"
   run gpu_tests_pd 300 python3 -m pytest -q -s -m gpu tests/gpu/test_pd_gpu.py tests/gpu/test_kv_store_gpu.py -p no:cacheprovider
+fi
+if [ "$PART" = all ] || [ "$PART" = rest ]; then
   step "the rest of the one-GPU suite"
   run gpu_tests_rest 280 python3 -m pytest -q -m gpu tests/gpu -k "not split and not one_shot and not closes" \
     --deselect tests/gpu/test_pd_gpu.py --deselect tests/gpu/test_kv_store_gpu.py -p no:cacheprovider

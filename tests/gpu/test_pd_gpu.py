@@ -50,7 +50,7 @@ def test_pd_mesh_on_one_gpu_is_exact(tmp_path: Path) -> None:
         dtype="float32",
         shapes=((1, 1, "prefill"), (1, 1, "decode")),
         gpus=(0, 0),
-        engine=EngineConfig(num_blocks=256, max_num_seqs=16),
+        engine=EngineConfig(num_blocks=256, max_num_seqs=16, handoff_slots=256),
         router={"max_local_prefill_tokens": 0},
     )
     with running_mesh(spec) as mesh:

@@ -165,12 +165,22 @@ def save_blocks(
     from trellis.runtime.kernels.kv_blocks import gather_blocks  # triton: the CUDA path only
 
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
-    staged = gather_blocks(cache, ids)  # one kernel: [n, layers, 2, B, heads, D]
-    for first, start, n in slot_runs(slots):
-        part.of(slab.slots[start : start + n]).copy_(staged[first : first + n], non_blocking=slab.pinned)
-    if sums is not None:
-        sums.append(slot_sums(staged))
-    return staged.numel() * staged.element_size()
+    block_sums = None if sums is None else torch.zeros(len(blocks), dtype=torch.int64, device=cache.device)
+    runs = slot_runs(slots)
+    dests = [part.of(slab.slots[start : start + n]) for _, start, n in runs]
+    if all(d.device == cache.device and d.is_contiguous() for d in dests):
+        # Slots in this GPU's memory (a decode replica's device slab): one kernel per run of slots,
+        # straight from the cache into them, the checksums summed on the way.
+        for (first, _, n), dest in zip(runs, dests, strict=True):
+            run_sums = None if block_sums is None else block_sums[first : first + n]
+            gather_blocks(cache, ids[first : first + n], out=dest, sums=run_sums)
+    else:
+        staged = gather_blocks(cache, ids, sums=block_sums)  # one kernel: [n, layers, 2, B, heads, D]
+        for (first, _, n), dest in zip(runs, dests, strict=True):
+            dest.copy_(staged[first : first + n], non_blocking=slab.pinned)
+    if block_sums is not None:
+        sums.append(block_sums)
+    return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
 
 
 def load_blocks(
@@ -193,18 +203,23 @@ def load_blocks(
                 sums.append(slot_sums(piece))
             cache[:, :, b].copy_(piece[0])
         return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
-    runs = slot_runs(slots)
-    pieces = [part.of(slab.slots[start : start + n]) for _, start, n in runs]
-    if cache.device.type == "cuda":
-        pieces = [p.to(cache.device, non_blocking=slab.pinned) for p in pieces]
-    staged = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if sums is not None:
-        sums.append(slot_sums(staged.contiguous()))
     from trellis.runtime.kernels.kv_blocks import scatter_blocks  # triton: the CUDA path only
 
     ids = torch.tensor(blocks, dtype=torch.int64, device=cache.device)
-    scatter_blocks(cache, ids, staged.to(cache.dtype).contiguous())  # one kernel into the cache
-    return staged.numel() * staged.element_size()
+    block_sums = None if sums is None else torch.zeros(len(blocks), dtype=torch.int64, device=cache.device)
+    runs = slot_runs(slots)
+    pieces = [part.of(slab.slots[start : start + n]) for _, start, n in runs]
+    if all(p.device == cache.device and p.is_contiguous() and p.dtype == cache.dtype for p in pieces):
+        for (first, _, n), piece in zip(runs, pieces, strict=True):  # straight from device slots
+            run_sums = None if block_sums is None else block_sums[first : first + n]
+            scatter_blocks(cache, ids[first : first + n], piece, sums=run_sums)
+    else:
+        pieces = [p.to(cache.device, non_blocking=slab.pinned) for p in pieces]
+        staged = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        scatter_blocks(cache, ids, staged.to(cache.dtype).contiguous(), sums=block_sums)  # one kernel
+    if block_sums is not None:
+        sums.append(block_sums)
+    return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
 
 
 class StoreCopies:

@@ -25,11 +25,14 @@ def _kv_blocks_kernel(
     cache_ptr,  # [planes, num_blocks, chunk], contiguous
     staged_ptr,  # [n, planes, chunk], contiguous
     ids_ptr,  # [n] int64 block ids
+    sums_ptr,  # [n] int64, added to (SUMS only)
     num_blocks,
     planes,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     GATHER: tl.constexpr,
+    SUMS: tl.constexpr,
+    WIDE: tl.constexpr,  # 4-byte elements (else 2-byte)
 ):
     i = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
@@ -40,9 +43,17 @@ def _kv_blocks_kernel(
     in_cache = cache_ptr + (p * num_blocks + b) * CHUNK + offs
     in_staged = staged_ptr + (i * planes + p) * CHUNK + offs
     if GATHER:
-        tl.store(in_staged, tl.load(in_cache, mask=mask), mask=mask)
+        x = tl.load(in_cache, mask=mask, other=0)
+        tl.store(in_staged, x, mask=mask)
     else:
-        tl.store(in_cache, tl.load(in_staged, mask=mask), mask=mask)
+        x = tl.load(in_staged, mask=mask, other=0)
+        tl.store(in_cache, x, mask=mask)
+    if SUMS:  # the block's checksum: its elements' bits as signed integers, summed (kv_copy.slot_sums)
+        if WIDE:
+            words = x.to(tl.int32, bitcast=True).to(tl.int64)
+        else:
+            words = x.to(tl.int16, bitcast=True).to(tl.int64)
+        tl.atomic_add(sums_ptr + i, tl.sum(words, axis=0))
 
 
 def _checked(cache: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
@@ -54,28 +65,57 @@ def _checked(cache: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
     return planes, num_blocks, cache[0, 0, 0].numel()
 
 
-def gather_blocks(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Blocks ``ids`` of every layer, K and V: ``[n, layers, 2, block_size, heads, head_dim]``."""
+def _check_sums(sums: torch.Tensor | None, n: int, cache: torch.Tensor) -> None:
+    if sums is not None and (sums.shape != (n,) or sums.dtype != torch.int64 or not sums.is_contiguous()):
+        raise KernelInputError(f"block sums must be a contiguous int64 [{n}] tensor")
+    if sums is not None and cache.element_size() not in (2, 4):
+        raise KernelInputError(f"block sums need 2- or 4-byte elements, got {cache.dtype}")
+
+
+def _launch(
+    cache: torch.Tensor, staged: torch.Tensor, ids: torch.Tensor, sums: torch.Tensor | None, gather: bool
+) -> None:
     planes, num_blocks, chunk = _checked(cache, ids)
     n = ids.numel()
-    staged = torch.empty((n, *cache.shape[:2], *cache.shape[3:]), dtype=cache.dtype, device=cache.device)
+    _check_sums(sums, n, cache)
     if n:
         grid = (n, planes, triton.cdiv(chunk, _BLOCK))
         _kv_blocks_kernel[grid](
-            cache, staged, ids, num_blocks, planes, CHUNK=chunk, BLOCK=_BLOCK, GATHER=True
+            cache,
+            staged,
+            ids,
+            ids if sums is None else sums,
+            num_blocks,
+            planes,
+            CHUNK=chunk,
+            BLOCK=_BLOCK,
+            GATHER=gather,
+            SUMS=sums is not None,
+            WIDE=cache.element_size() == 4,
         )
-    return staged
 
 
-def scatter_blocks(cache: torch.Tensor, ids: torch.Tensor, staged: torch.Tensor) -> None:
-    """Write ``staged`` (as gather_blocks gives it) into blocks ``ids`` of the cache."""
-    planes, num_blocks, chunk = _checked(cache, ids)
-    n = ids.numel()
-    want = (n, *cache.shape[:2], *cache.shape[3:])
+def gather_blocks(
+    cache: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None, sums: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Blocks ``ids`` of every layer, K and V: ``[n, layers, 2, block_size, heads, head_dim]``, into
+    ``out`` when given (e.g. a run of a slab's slots in device memory); ``sums`` [n] int64: each
+    block's checksum is added to it."""
+    want = (ids.numel(), *cache.shape[:2], *cache.shape[3:])
+    if out is None:
+        out = torch.empty(want, dtype=cache.dtype, device=cache.device)
+    elif tuple(out.shape) != want or out.dtype != cache.dtype or not out.is_contiguous():
+        raise KernelInputError(f"the gather's output must be contiguous {list(want)} {cache.dtype}")
+    _launch(cache, out, ids, sums, gather=True)
+    return out
+
+
+def scatter_blocks(
+    cache: torch.Tensor, ids: torch.Tensor, staged: torch.Tensor, sums: torch.Tensor | None = None
+) -> None:
+    """Write ``staged`` (as gather_blocks gives it) into blocks ``ids`` of the cache; ``sums`` as
+    for gather_blocks."""
+    want = (ids.numel(), *cache.shape[:2], *cache.shape[3:])
     if tuple(staged.shape) != want or staged.dtype != cache.dtype or not staged.is_contiguous():
         raise KernelInputError(f"staged blocks must be contiguous {list(want)} {cache.dtype}")
-    if n:
-        grid = (n, planes, triton.cdiv(chunk, _BLOCK))
-        _kv_blocks_kernel[grid](
-            cache, staged, ids, num_blocks, planes, CHUNK=chunk, BLOCK=_BLOCK, GATHER=False
-        )
+    _launch(cache, staged, ids, sums, gather=False)

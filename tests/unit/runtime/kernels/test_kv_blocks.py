@@ -26,3 +26,19 @@ def test_bad_inputs() -> None:
         gather_blocks(cache, torch.tensor([0], dtype=torch.int32))
     with pytest.raises(KernelInputError, match="staged blocks"):
         scatter_blocks(cache, torch.tensor([0], dtype=torch.int64), torch.zeros(2, 2, 2, 4, 1, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sums_are_the_slot_sums_and_out_is_written(dtype: torch.dtype) -> None:
+    from trellis.runtime.kv_copy import slot_sums
+
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(2, 2, 6, 4, 2, 8, generator=g).to(dtype)
+    ids = torch.tensor([4, 1], dtype=torch.int64)
+    out = torch.empty(2, 2, 2, 4, 2, 8, dtype=dtype)
+    sums = torch.zeros(2, dtype=torch.int64)
+    assert gather_blocks(cache, ids, out=out, sums=sums) is out
+    assert torch.equal(sums, slot_sums(out))  # the kernel's checksums are the CPU path's
+    back, again = torch.zeros_like(cache), torch.zeros(2, dtype=torch.int64)
+    scatter_blocks(back, ids, out, sums=again)
+    assert torch.equal(again, sums) and torch.equal(back[:, :, 4], cache[:, :, 4])
