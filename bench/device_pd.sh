@@ -29,3 +29,9 @@ if [ "$PART" = all ] || [ "$PART" = mesh ]; then
   step "P/D mesh vs colocated, 8B, one GPU"
   (cd bench && run pd_mesh 540 python3 pd_mesh.py --preset llama-3-8b --out "$OUT/pd_mesh_8b_1xh200.json")
 fi
+if [ "$PART" = timings ]; then  # where P/D's TTFT goes: the router's per-request hand-off timings
+  step "P/D TTFT with the router's hand-off timings (debug logs)"
+  (cd bench && TRELLIS_LOG_LEVEL=DEBUG run pd_timings 300 python3 pd_mesh.py --preset llama-3-8b --kinds pd \
+    --reps 5 --arrivals 0 --streams 1 --decode-len 16 --out "$OUT/pd_timings.json")
+  grep "hand-off timings" "$OUT/pd_timings.log" | tail -12
+fi

@@ -58,6 +58,23 @@ def timed(fn: Any, device: torch.device, reps: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
+def kernel_parts(kv: torch.Tensor, slab: Any, blocks: list[int], reps: int) -> dict[str, float]:
+    """Where a send's time goes: the gather kernel into this GPU's own memory, with and without the
+    checksums, and into the other process's slots without them (the send is into them, with)."""
+    from trellis.runtime.kernels.kv_blocks import gather_blocks
+
+    device = kv.device
+    ids = torch.tensor(blocks, dtype=torch.int64, device=device)
+    local = torch.empty(len(blocks), *kv.shape[:2], *kv.shape[3:], dtype=kv.dtype, device=device)
+    sums = torch.zeros(len(blocks), dtype=torch.int64, device=device)
+    into = slab.slots[: len(blocks)]
+    return {
+        "gather_local": timed(lambda: gather_blocks(kv, ids, out=local), device, reps)[0],
+        "gather_local_sums": timed(lambda: gather_blocks(kv, ids, out=local, sums=sums), device, reps)[0],
+        "gather_into_peer": timed(lambda: gather_blocks(kv, ids, out=into), device, reps)[0],
+    }
+
+
 def decode_side(args: argparse.Namespace) -> None:
     """The child: D's slab and cache; loads what P copied when told to, answers with time + sums."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -127,6 +144,7 @@ def main() -> None:
             return torch.cat(sums).tolist()
 
         send_s, p_sums = timed(send, device, args.reps)
+        parts = {} if device.type != "cuda" else kernel_parts(kv, slab, blocks, args.reps)
         child.stdin.write(json.dumps({"blocks": list(range(args.blocks)), "slots": slots}) + "\n")
         child.stdin.flush()
         d = json.loads(child.stdout.readline())
@@ -144,6 +162,7 @@ def main() -> None:
         "send_s": send_s,
         "load_s": d["load_s"],
         "checksums_agree": p_sums == d["sums"],
+        "send_parts_s": parts,
         "handoff_bytes_per_s": handoff,
         "plain_copy_bytes_per_s": nbytes / base_s,
         "ratio_to_plain_copy": handoff / (nbytes / base_s),

@@ -24,12 +24,14 @@ import threading
 import time
 from typing import Any
 
+import grpc
 from gpu_common import card, say, write_json
 
 from trellis.core.engine_config import EngineConfig
 from trellis.core.model_config import load_model_source
 from trellis.deploy.local_spec import local_spec
 from trellis.deploy.mesh import Mesh
+from trellis.v1 import sampling_pb2, stage_pb2, stage_pb2_grpc
 from trellis.wire.router_client import RouterClient
 
 
@@ -45,6 +47,19 @@ def stream_times(address: str, prompt: list[int], n: int) -> tuple[float, list[f
         return t0, times, replica
 
 
+def head_ttft(address: str, prompt: list[int]) -> float:
+    """TTFT of a plain request straight to a head (no router, no hand-off)."""
+    with grpc.insecure_channel(address) as ch:
+        stub = stage_pb2_grpc.StageWorkerStub(ch)
+        req = stage_pb2.SubmitRequest(
+            request_id="direct", prompt_ids=prompt, sampling=sampling_pb2.SamplingParams(max_tokens=1)
+        )
+        t0 = time.perf_counter()
+        for _ in stub.Submit(req, timeout=120):
+            return time.perf_counter() - t0
+    return float("nan")
+
+
 def ttft_rows(address: str, args: argparse.Namespace, rng: random.Random) -> list[dict[str, Any]]:
     rows = []
     for n in args.lengths:
@@ -54,9 +69,13 @@ def ttft_rows(address: str, args: argparse.Namespace, rng: random.Random) -> lis
             t0, times, replica = stream_times(address, [rng.randrange(args.vocab) for _ in range(n)], 2)
             firsts.append(times[0] - t0)
             seconds.append(times[1] - times[0])
+        direct = [
+            head_ttft(args.head, [rng.randrange(args.vocab) for _ in range(n)]) for _ in range(args.reps)
+        ]
         rows.append(
             {
                 "prompt_tokens": n,
+                "head_direct_ttft_s": statistics.median(direct),
                 "ttft_s": statistics.median(firsts),
                 "ttft_all_s": firsts,
                 "second_token_s": statistics.median(seconds),
@@ -64,8 +83,10 @@ def ttft_rows(address: str, args: argparse.Namespace, rng: random.Random) -> lis
             }
         )
         r = rows[-1]
-        ms = r["ttft_s"] * 1e3, r["second_token_s"] * 1e3
-        say(f"  prompt {n:5d}: TTFT {ms[0]:7.1f} ms, second token +{ms[1]:6.1f} ms ({replica})")
+        ms = r["ttft_s"] * 1e3, r["second_token_s"] * 1e3, r["head_direct_ttft_s"] * 1e3
+        say(
+            f"  prompt {n:5d}: TTFT {ms[0]:7.1f} ms, second token +{ms[1]:6.1f} ms ({replica}); r0 direct {ms[2]:.1f} ms"
+        )
     return rows
 
 
@@ -148,6 +169,8 @@ def run_mesh(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         say(f"{kind}: mesh up in {time.perf_counter() - t0:.1f}s")
         rng = random.Random(1)
         address = mesh.router.address
+        head = mesh.spec.replicas[0].stages[0]
+        args.head = f"{head.host}:{head.port}"
         ttft = ttft_rows(address, args, rng)
         return {"kind": kind, "ttft": ttft, "interference": interference(address, args, rng)}
 

@@ -80,6 +80,7 @@ class HandoffStream:
         self._fallback = False  # P was attached to None: it decodes the whole request
         self._yielded = False  # a token went to the reader
         self._first_at = 0.0  # when P's first token came
+        self._marks: dict[str, float] = {"start": clock()}  # when each step of the hand-off ended
         self._settled = ""  # how the request's path settled (an outcome), once it did
         self._log = log.get(request_id=request.request_id, transfer_id=self.transfer_id)
 
@@ -121,6 +122,7 @@ class HandoffStream:
                     handoff, chunk = chunk, StageChunk(chunk.token_ids, "", chunk.logprobs)
                 if chunk.token_ids and not tokens:
                     first_token, self._first_at = chunk.token_ids[0], self.clock()
+                    self._marks["first_token"] = self._first_at
                 tokens += len(chunk.token_ids)
                 # Settled before the yield: a reader may never come back after the last chunk.
                 if chunk.finish_reason:  # P finished the request itself
@@ -153,6 +155,7 @@ class HandoffStream:
                 yield chunk
             return
         assert handoff is not None  # _prefill_problem said so
+        self._marks["prefill_done"] = self.clock()
         self._p_holds = False  # P is done: its blocks stay in its own cache
         ref = HandoffRef(self.transfer_id, self.epoch, first_token, tuple(handoff.block_sums))
         d = self._submit(d_side, replace(self.request, handoff=ref))
@@ -184,6 +187,7 @@ class HandoffStream:
                 if waiting_first and (chunk.token_ids or chunk.finish_reason):
                     waiting_first = False  # D serves it: the path is settled
                     self._settled = "handoff" if handoff else "aggregated_fallback"
+                    self._marks["decode_first"] = self.clock()
                     if handoff:
                         self.transfers.latency(self.clock() - self._first_at)
                 if chunk.finish_reason:
@@ -205,6 +209,7 @@ class HandoffStream:
     async def _reserve_then_attach(self) -> None:
         """D's reservation, then P's attach to it; no target: P decodes the request itself."""
         target = await self._reserve()
+        self._marks["reserved"] = self.clock()
         attach, timeout_s = self.prefill.head.attach_handoff, self._call_timeout()
         if target is None:
             self._fallback = True
@@ -219,6 +224,7 @@ class HandoffStream:
                 self._fallback = True
                 self._abort_decode()
                 return
+        self._marks["attached"] = self.clock()
         if not attached:
             self._log.debug("the request was gone on the prefill replica at attach")
 
@@ -291,6 +297,12 @@ class HandoffStream:
         if self._started:
             self.transfers.close(self.transfer_id, self._opened)
         self.transfers.ended(self._settled or outcome)
+        start = self._marks.pop("start")
+        self._log.debug(
+            "hand-off timings",
+            outcome=self._settled or outcome,
+            **{f"{k}_ms": round((t - start) * 1e3, 2) for k, t in self._marks.items()},
+        )
 
 
 def _naming(side: Side, error: TrellisError) -> TrellisError:

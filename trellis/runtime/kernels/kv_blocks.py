@@ -50,10 +50,10 @@ def _kv_blocks_kernel(
         tl.store(in_cache, x, mask=mask)
     if SUMS:  # the block's checksum: its elements' bits as signed integers, summed (kv_copy.slot_sums)
         if WIDE:
-            words = x.to(tl.int32, bitcast=True).to(tl.int64)
-        else:
-            words = x.to(tl.int16, bitcast=True).to(tl.int64)
-        tl.atomic_add(sums_ptr + i, tl.sum(words, axis=0))
+            part = tl.sum(x.to(tl.int32, bitcast=True).to(tl.int64), axis=0)
+        else:  # BLOCK 2-byte words sum within int32 (|sum| < 2**15 * BLOCK)
+            part = tl.sum(x.to(tl.int16, bitcast=True).to(tl.int32), axis=0).to(tl.int64)
+        tl.atomic_add(sums_ptr + i, part)
 
 
 def _checked(cache: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
