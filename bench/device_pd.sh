@@ -31,7 +31,8 @@ if [ "$PART" = all ] || [ "$PART" = mesh ]; then
 fi
 if [ "$PART" = timings ]; then  # where P/D's TTFT goes: the router's per-request hand-off timings
   step "P/D TTFT with the router's hand-off timings (debug logs)"
-  (cd bench && TRELLIS_LOG_LEVEL=DEBUG run pd_timings 300 python3 pd_mesh.py --preset llama-3-8b --kinds pd \
-    --reps 5 --arrivals 0 --streams 1 --decode-len 16 --out "$OUT/pd_timings.json")
-  grep "hand-off timings" "$OUT/pd_timings.log" | tail -12
+  (cd bench && TRELLIS_TRACE=console TRELLIS_LOG_LEVEL=DEBUG run pd_timings 300 python3 pd_mesh.py \
+    --preset llama-3-8b --kinds pd --lengths 4096 --reps 5 --arrivals 0 --streams 1 --decode-len 16 \
+    --out "$OUT/pd_timings.json")
+  grep -c '"name"' "$OUT/pd_timings.log"
 fi

@@ -44,6 +44,21 @@ def cache(num_blocks: int, device: torch.device, dtype: torch.dtype) -> torch.Te
     return torch.randn(LAYERS, 2, num_blocks, BLOCK, HEADS, DIM, device=device).to(dtype)
 
 
+def device_time(fn: Any, reps: int) -> float:
+    """The median device time of ``fn``'s kernels (CUDA events around it, after a warm-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def timed(fn: Any, device: torch.device, reps: int) -> tuple[float, Any]:
     fn()  # warm-up (maps, kernels)
     times, out = [], None
@@ -69,10 +84,20 @@ def kernel_parts(kv: torch.Tensor, slab: Any, blocks: list[int], reps: int) -> d
     sums = torch.zeros(len(blocks), dtype=torch.int64, device=device)
     into = slab.slots[: len(blocks)]
     return {
-        "gather_local": timed(lambda: gather_blocks(kv, ids, out=local), device, reps)[0],
-        "gather_local_sums": timed(lambda: gather_blocks(kv, ids, out=local, sums=sums), device, reps)[0],
-        "gather_into_peer": timed(lambda: gather_blocks(kv, ids, out=into), device, reps)[0],
+        "gather_local": device_time(lambda: gather_blocks(kv, ids, out=local), reps),
+        "gather_local_sums": device_time(lambda: gather_blocks(kv, ids, out=local, sums=sums), reps),
+        "gather_into_peer": device_time(lambda: gather_blocks(kv, ids, out=into), reps),
+        "gather_into_peer_sums": device_time(lambda: gather_blocks(kv, ids, out=into, sums=sums), reps),
     }
+
+
+def scatter_time(kv: torch.Tensor, slab: Any, blocks: tuple[int, ...], reps: int) -> float:
+    """D's load kernel alone: the scatter from its own slots, with the checksums."""
+    from trellis.runtime.kernels.kv_blocks import scatter_blocks
+
+    ids = torch.tensor(blocks, dtype=torch.int64, device=kv.device)
+    sums = torch.zeros(len(blocks), dtype=torch.int64, device=kv.device)
+    return device_time(lambda: scatter_blocks(kv, ids, slab.slots[: len(blocks)], sums=sums), reps)
 
 
 def decode_side(args: argparse.Namespace) -> None:
@@ -101,7 +126,8 @@ def decode_side(args: argparse.Namespace) -> None:
             return torch.cat(sums).tolist()
 
         seconds, sums = timed(load, device, args.reps)
-        print(json.dumps({"load_s": seconds, "sums": sums}), flush=True)
+        kernel = scatter_time(kv, slab, copy.block_ids, args.reps) if device.type == "cuda" else float("nan")
+        print(json.dumps({"load_s": seconds, "load_kernel_s": kernel, "sums": sums}), flush=True)
         return
 
 
@@ -153,6 +179,7 @@ def main() -> None:
         flat = kv[:, :, : args.blocks].contiguous()
         base_s, _ = timed(lambda: flat.clone(), device, args.reps)  # one plain copy of the same bytes
     handoff = nbytes / (send_s + d["load_s"])
+    kernels = parts.get("gather_into_peer_sums", float("nan")) + d["load_kernel_s"]
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -163,7 +190,10 @@ def main() -> None:
         "load_s": d["load_s"],
         "checksums_agree": p_sums == d["sums"],
         "send_parts_s": parts,
-        "handoff_bytes_per_s": handoff,
+        "handoff_bytes_per_s": handoff,  # wall: host planning + kernels + the checksums' read-back
+        "load_kernel_s": d["load_kernel_s"],
+        "handoff_kernel_bytes_per_s": nbytes / kernels,  # the two kernels alone (what a step waits for)
+        "kernel_ratio_to_plain_copy": nbytes / kernels / (nbytes / base_s),
         "plain_copy_bytes_per_s": nbytes / base_s,
         "ratio_to_plain_copy": handoff / (nbytes / base_s),
     }

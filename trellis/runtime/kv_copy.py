@@ -125,9 +125,9 @@ def _check(copies: Sequence[KVCopy], num_blocks: int, num_slots: int) -> tuple[l
     slots = [s for c in copies for s in c.slots]
     if len(blocks) != len(slots):
         raise SlabError(f"a KV copy lists {len(blocks)} blocks but {len(slots)} slots")
-    if any(not 0 <= b < num_blocks for b in blocks):
+    if blocks and not (min(blocks) >= 0 and max(blocks) < num_blocks):
         raise SlabError(f"a KV copy names a cache block outside [0, {num_blocks})")
-    if any(not 0 <= s < num_slots for s in slots):
+    if slots and not (min(slots) >= 0 and max(slots) < num_slots):
         raise SlabError(f"a KV copy names a store slot outside [0, {num_slots})")
     return blocks, slots
 
