@@ -14,6 +14,7 @@ holds its lock around every call.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ class HostSlots:
         block, parent = self._reserved.pop(slot)
         del self._reserved_slot[block]
         self.lru.unhold(parent)
-        self._free.append(slot)
+        bisect.insort(self._free, slot, key=lambda s: -s)  # still lowest first: runs stay runs
         return block
 
     def pin(self, slot: int) -> None:

@@ -185,3 +185,17 @@ def test_commit_checks_the_reservation() -> None:
         s.commit(5, prompt, GREEDY, 9, (1, 2))
     with pytest.raises(HandoffError):
         s.commit(6, prompt, GREEDY, 9, (1, 2, 3))
+
+
+def test_staging_slots_come_back_in_order() -> None:
+    clock = Clock()
+    slots = StagingSlots(8, clock)
+    a = slots.take(4)
+    assert a == (0, 1, 2, 3)
+    slots.release(a)
+    b = slots.take(3)
+    assert b == (0, 1, 2)  # the lowest, ascending: one run, whatever order they came back in
+    slots.release((2, 0, 1), not_before=clock.now + 1)  # quarantined, then thawed
+    assert slots.take(6) is None  # 5 free now
+    clock.now += 2
+    assert slots.take(5) == (0, 1, 2, 3, 4)

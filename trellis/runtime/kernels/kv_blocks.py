@@ -20,7 +20,9 @@ from trellis.runtime.kernels.triton_setup import tl, triton
 _BLOCK = 4096  # elements per program
 
 
-@triton.jit
+# Slices of the ids and sums (one run of slots each) start anywhere: no alignment specialization,
+# so a run's offset never compiles another variant on the request's path.
+@triton.jit(do_not_specialize=["ids_ptr", "sums_ptr"])
 def _kv_blocks_kernel(
     cache_ptr,  # [planes, num_blocks, chunk], contiguous
     staged_ptr,  # [n, planes, chunk], contiguous
