@@ -7,6 +7,7 @@ runs the same mesh) and runs the mesh until Ctrl-C, as `trellis up` does. The cl
 reaches the router through the environment variable router.api_key_env names, never the spec.
 With no model on CPU it serves the demo model. --kv-store-bytes N adds the KV cache store (N bytes
 of host memory, optionally a disk tier), which the replicas share through shared memory.
+--prefill-replicas N makes N of the replicas prefill only and the rest decode only (P/D).
 """
 
 from __future__ import annotations
@@ -85,6 +86,20 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="how the router picks a replica: least-load (the default), or kv-aware (the one that "
         "holds most of the prompt's KV cache, itself or in the store, weighed against its load)",
     )
+    pd = p.add_argument_group("prefill/decode disaggregation (docs/pd-disaggregation.md)")
+    pd.add_argument(
+        "--prefill-replicas",
+        type=int,
+        default=0,
+        help="of the --dp replicas, this many only prefill (role prefill) and the rest decode (role "
+        "decode), the KV moved between them (default 0: every replica does both)",
+    )
+    pd.add_argument(
+        "--max-local-prefill-tokens",
+        type=int,
+        help="with --prefill-replicas: a prompt whose uncached part is at most this many tokens runs "
+        "on the decode replica whole (default 512)",
+    )
     p.add_argument("--write-spec", metavar="FILE", help="keep the spec it made (for `trellis up FILE`)")
     p.add_argument("--log-dir", help="write each service's logs to DIR/NAME.log instead of this terminal")
     add_log_level(p)
@@ -140,12 +155,11 @@ def build_spec(args: argparse.Namespace) -> DeploySpec:
             raise ConfigError(problem)
     layout = _layout(args, device, model)
     kv_store = _kv_store(args)
+    roles = _roles(args, layout.dp)
     spec = local_spec(
         model,
         preset=args.preset,
-        replicas=layout.dp,
-        stages=layout.pp,
-        tp=layout.tp,
+        shapes=tuple((layout.tp, layout.pp, role) for role in roles),
         router_port=_port(args.host, args.port, DEFAULT_PORT, "--port", "the router's gRPC API"),
         device=device,
         dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"),
@@ -158,11 +172,34 @@ def build_spec(args: argparse.Namespace) -> DeploySpec:
         served_model_name=args.served_model_name,
         kv_store=kv_store,
         router_policy=args.router_policy,
+        router=_pd_router(args),
     )
     if args.metrics_port:
         spec = replace(spec, router=replace(spec.router, metrics_port=args.metrics_port))
     spec.check_model()  # the layout against the model: one line naming the field
     return spec
+
+
+def _roles(args: argparse.Namespace, dp: int) -> list[str]:
+    """Each replica's role: --prefill-replicas of them prefill, the others decode (or all both)."""
+    n = args.prefill_replicas
+    if n < 0:
+        raise ConfigError(f"--prefill-replicas must be >= 0, got {n}")
+    if n and n >= dp:
+        raise ConfigError(
+            f"--prefill-replicas {n} leaves no decode replica of the {dp} (--dp): give --dp {n + 1} or more"
+        )
+    if args.max_local_prefill_tokens is not None and not n:
+        raise ConfigError("--max-local-prefill-tokens needs --prefill-replicas N")
+    return ["prefill"] * n + ["decode"] * (dp - n) if n else ["both"] * dp
+
+
+def _pd_router(args: argparse.Namespace) -> dict[str, int]:
+    if args.max_local_prefill_tokens is None:
+        return {}
+    if args.max_local_prefill_tokens < 0:
+        raise ConfigError(f"--max-local-prefill-tokens must be >= 0, got {args.max_local_prefill_tokens}")
+    return {"max_local_prefill_tokens": args.max_local_prefill_tokens}
 
 
 def _kv_store(args: argparse.Namespace) -> KVStoreSpec | None:

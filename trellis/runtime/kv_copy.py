@@ -133,10 +133,12 @@ def _check(copies: Sequence[KVCopy], num_blocks: int, num_slots: int) -> tuple[l
 
 
 def slot_sums(slots: torch.Tensor) -> torch.Tensor:
-    """One checksum per slot of ``slots`` [n, ...]: the sum of its words as integers (int64), so the
-    sums of the parts every (stage, rank) copies add up to the whole slot's, whatever the split."""
-    words = slots.view({2: torch.int16, 4: torch.int32}[slots.element_size()])
-    return words.reshape(slots.shape[0], -1).sum(1, dtype=torch.int64)
+    """One checksum per slot of ``slots`` [n, ...]: its bytes as little-endian int32 words, summed
+    (int64). Every part a (stage, rank) copies is whole words (layers x heads, head_dim even), so
+    the parts' sums add up to the whole slot's, whatever the split. 32-bit words: the sum runs at
+    memory speed on a CPU (2-byte ones ran 3.4x slower than the copy they check)."""
+    words = slots.view(torch.int32)
+    return words.sum(dim=tuple(range(1, words.dim())), dtype=torch.int64)
 
 
 def save_blocks(

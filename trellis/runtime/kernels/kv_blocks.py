@@ -50,11 +50,12 @@ def _kv_blocks_kernel(
     else:
         x = tl.load(in_staged, mask=mask, other=0)
         tl.store(in_cache, x, mask=mask)
-    if SUMS:  # the block's checksum: its elements' bits as signed integers, summed (kv_copy.slot_sums)
+    if SUMS:  # the block's checksum: its bytes as little-endian int32 words, summed (kv_copy.slot_sums)
         if WIDE:
             part = tl.sum(x.to(tl.int32, bitcast=True).to(tl.int64), axis=0)
-        else:  # BLOCK 2-byte words sum within int32 (|sum| < 2**15 * BLOCK)
-            part = tl.sum(x.to(tl.int16, bitcast=True).to(tl.int32), axis=0).to(tl.int64)
+        else:  # a word is two elements: the even one its low half (unsigned), the odd one its high half
+            h = x.to(tl.int16, bitcast=True).to(tl.int64)
+            part = tl.sum(tl.where(offs % 2 == 1, h * 65536, h & 0xFFFF), axis=0)
         tl.atomic_add(sums_ptr + i, part)
 
 
