@@ -40,7 +40,8 @@ def test_device_slab_between_two_processes() -> None:
     assert record["checksums_agree"]
 
 
-def test_pd_mesh_on_one_gpu_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("p_stages", [1, 2], ids=["tp1-to-tp1", "pp2-to-tp1"])
+def test_pd_mesh_on_one_gpu_is_exact(tmp_path: Path, p_stages: int) -> None:
     ckpt = make_checkpoint("llama-gqa", tmp_path / "ckpt", seed=3)
     prompts = make_prompts(1000, tuple(40 + 9 * i for i in range(12)), seed=4)
     want = reference_generate(ckpt, prompts, NEW_TOKENS)
@@ -48,8 +49,8 @@ def test_pd_mesh_on_one_gpu_is_exact(tmp_path: Path) -> None:
         str(ckpt),
         device="cuda",
         dtype="float32",
-        shapes=((1, 1, "prefill"), (1, 1, "decode")),
-        gpus=(0, 0),
+        shapes=((1, p_stages, "prefill"), (1, 1, "decode")),  # PP 2: two processes each write
+        gpus=(0,) * (p_stages + 1),
         engine=EngineConfig(num_blocks=256, max_num_seqs=16, handoff_slots=256),
         router={"max_local_prefill_tokens": 0},
     )
