@@ -20,6 +20,11 @@ count as computed. They are trusted only once the step returns: if a stage repor
 failed, or the lease expired before the step completed (the store may have reused the slots), the
 sequence is reset as if preempted (nothing emitted, no block named) and recomputes without the
 store. Every lease is handed back through ``take_released_leases`` exactly once.
+
+P/D (trellis/scheduling/handoff.py, pd_requests.py): a prefill half's plans copy its blocks out as
+they complete; once its first token is out it is parked (never decoded here, never a preemption
+victim) until its copies came back. A decode half is RESERVED (blocks held, in no queue) until its
+commit; its first step loads the staged blocks, trusted as a store load is, and by their checksums.
 """
 
 from __future__ import annotations
@@ -333,21 +338,7 @@ class Scheduler(PDRequests, StoreLoads):
         if bm.blocks_to_admit(prefix, cached + num_new) + reserve > bm.num_free_blocks:
             return False
         bm.admit(seq, prefix, cached + num_new)
-        hit, seq.store_hit = seq.store_hit, None
-        if loaded:
-            assert hit is not None
-            at = len(prefix) - hit.first_block
-            batch.loads.append(
-                KVCopy(
-                    tuple(seq.block_table[len(prefix) : len(prefix) + loaded]), hit.slots[at : at + loaded]
-                )
-            )
-            batch.load_hits.append((seq.seq_id, hit))
-            batch.slab = hit.slab
-            seq.num_computed_tokens = cached
-            self._loaded_blocks += loaded
-        elif hit is not None:
-            self._released.append(hit.lease_id)  # its blocks are cached here already, or it expired
+        self._use_store_hit(batch, seq, len(prefix), loaded)
         self._waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         bisect.insort(self._running, seq, key=lambda s: s.arrival)

@@ -9,9 +9,11 @@ reused the slots while a stage read them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from trellis.core import log
-from trellis.core.plan import StepResult
+from trellis.core.plan import KVCopy, StepResult
+from trellis.scheduling.scheduler_config import SchedulerConfig
 from trellis.scheduling.sequence import FinishReason, Sequence, StoreHit
 
 LEASE_MARGIN_S = 2.0  # a store lease closer than this to expiry is not loaded from (recompute)
@@ -38,6 +40,14 @@ def voided(hits: Iterable[tuple[int, StoreHit]], kv_failed: bool, now: float) ->
     return {seq_id for seq_id, hit in hits if kv_failed or now >= hit.expires_at}
 
 
+class LoadBatch(Protocol):
+    """The part of a plan being built that store loads go into (scheduler._Batch)."""
+
+    loads: list[KVCopy]
+    load_hits: list[tuple[int, StoreHit]]
+    slab: str
+
+
 class StoreLoads:
     """The scheduler's store-load bookkeeping (a mixin of Scheduler, trellis/scheduling/scheduler.py):
     which leases a returned step used, which loads it voids, and the leases to hand back."""
@@ -47,6 +57,25 @@ class StoreLoads:
     _clock: Callable[[], float]
     _voided_loads: int
     _num_preemptions: int
+    _loaded_blocks: int
+    config: SchedulerConfig
+
+    def _use_store_hit(self, batch: LoadBatch, seq: Sequence, local: int, loaded: int) -> None:
+        """At admission, past ``local`` cached blocks: load ``loaded`` blocks from the sequence's
+        lease in this plan (they count as computed), or hand the lease back unused."""
+        hit, seq.store_hit = seq.store_hit, None
+        if not loaded:
+            if hit is not None:
+                self._released.append(hit.lease_id)  # its blocks are cached here already, or it expired
+            return
+        assert hit is not None
+        at = local - hit.first_block
+        blocks = tuple(seq.block_table[local : local + loaded])
+        batch.loads.append(KVCopy(blocks, hit.slots[at : at + loaded]))
+        batch.load_hits.append((seq.seq_id, hit))
+        batch.slab = hit.slab
+        seq.num_computed_tokens = (local + loaded) * self.config.block_size
+        self._loaded_blocks += loaded
 
     def take_released_leases(self) -> list[str]:
         """Store leases no sequence needs any more (loaded and checked, or never used), once each."""
