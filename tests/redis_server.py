@@ -55,6 +55,21 @@ class RedisServer:
         self.stop()
         raise RedisServerFailed(f"redis-server did not start; its log ends with:\n{tail}")
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (a test may kill or stop it)."""
+        if self._proc is None:
+            raise RedisServerFailed("redis-server is not running")
+        return self._proc.pid
+
+    def restart(self) -> None:
+        """Start it again on the same port, empty, after it died (a test killed it)."""
+        if self._proc is not None:
+            self._proc.wait(timeout=10)
+            self._proc = None
+        if self._dir is None or not self._launch(Path(self._dir.name)):
+            raise RedisServerFailed(f"redis-server did not restart on port {self.port}: {self._log_tail()}")
+
     def _launch(self, workdir: Path) -> bool:
         args = [
             self.binary,

@@ -7,6 +7,7 @@ cannot be honoured is INVALID_ARGUMENT naming why, a replica starting or drainin
 
 from __future__ import annotations
 
+import math
 from typing import NoReturn
 
 import grpc
@@ -27,9 +28,12 @@ class HandoffRpcs:
         self, request: stage_pb2.ReserveHandoffRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.ReserveHandoffResponse:
         side = await self._side(context, admitting=True)
-        if request.ttl_s <= 0 or not request.transfer_id:
+        # Finite too: NaN and inf passed a plain `<= 0` check; an infinite ttl_s made a reservation
+        # that never expires (its blocks and slots held for good), a NaN one a NaN timer in the
+        # event loop's heap (it fired at once, out of order).
+        if not (math.isfinite(request.ttl_s) and request.ttl_s > 0) or not request.transfer_id:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "a reservation needs a transfer_id and ttl_s > 0"
+                grpc.StatusCode.INVALID_ARGUMENT, "a reservation needs a transfer_id and a finite ttl_s > 0"
             )
         try:
             target = side.reserve(request.transfer_id, list(request.prompt_ids), request.ttl_s)

@@ -132,6 +132,7 @@ class StageService:
         if self.head is None or self.handoff is None:
             return {}
         side, book = self.handoff.stats, self.head.scheduler.handoffs
+        slots = book.staging.counts() if book.staging is not None else {}
         return {
             "pd_prefills": side.sent,
             "pd_fallbacks": book.fallbacks,
@@ -141,6 +142,9 @@ class StageService:
             "pd_recomputed": side.recomputed,
             "pd_voided": book.voided,
             "pd_blocks_loaded": book.blocks_loaded,
+            "pd_slots_free": slots.get("free", 0),
+            "pd_slots_held": slots.get("held", 0),
+            "pd_slots_quarantined": slots.get("quarantined", 0),
         }
 
     async def drain(self, timeout: float) -> bool:

@@ -94,3 +94,8 @@ class StageStats:
     pd_recomputed: int = 0  # decode halves that did not, recomputed here (D)
     pd_voided: int = 0  # hand-off loads voided (checksum or copy failure) and recomputed (D)
     pd_blocks_loaded: int = 0  # KV blocks loaded from staging slots and checked (D)
+    # D's staging slots now: free, held by a reservation, quarantined after an abandoned transfer
+    # (free + held + quarantined = engine.handoff_slots once its hand-off slab exists, else all 0).
+    pd_slots_free: int = 0
+    pd_slots_held: int = 0
+    pd_slots_quarantined: int = 0

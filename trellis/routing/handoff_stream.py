@@ -238,8 +238,12 @@ class HandoffStream:
                 self.transfers.timeout_s,
                 timeout_s=self._call_timeout(),
             )
-        except Unavailable as e:  # gone, draining, or an answer we cannot read: it may hold it late
-            self._log.warning("decode replica did not reserve; aggregated on the prefill one", error=str(e))
+        # Gone, draining, too slow, or an answer we cannot read: it may hold it late. A deadline is
+        # no answer either (it was taken for a refusal, so a slow D's reservation was never aborted
+        # and held its blocks and slots until its own deadline); at debug: often the client's.
+        except (Unavailable, DeadlineExceeded) as e:
+            say = self._log.warning if isinstance(e, Unavailable) else self._log.debug
+            say("decode replica did not reserve; aggregated on the prefill one", error=str(e))
         except TrellisError as e:  # it answered (no room, a refusal): it holds nothing
             self._d_holds = False
             self._log.debug("decode replica refused the hand-off", replica=name, error=str(e))

@@ -274,8 +274,6 @@ class Scheduler(PDRequests, StoreLoads):
             updates.append(SeqUpdate(seq.seq_id, tuple(new), reason is not None, reason))
         return self._finish_handoffs(updates, sent | {st.seq_id for st in steps})
 
-    # -- introspection ---------------------------------------------------------------------------
-
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._outstanding)
 

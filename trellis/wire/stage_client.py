@@ -189,6 +189,9 @@ class GrpcStageClient:
             pd_recomputed=s.pd_recomputed,
             pd_voided=s.pd_voided,
             pd_blocks_loaded=s.pd_blocks_loaded,
+            pd_slots_free=s.pd_slots_free,
+            pd_slots_held=s.pd_slots_held,
+            pd_slots_quarantined=s.pd_slots_quarantined,
         )
 
     async def match_prefix(self, hashes: Sequence[int], *, timeout_s: float) -> int:
