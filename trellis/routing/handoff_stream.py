@@ -81,6 +81,10 @@ class HandoffStream:
         self._yielded = False  # a token went to the reader
         self._first_at = 0.0  # when P's first token came
         self._marks: dict[str, float] = {"start": clock()}  # when each step of the hand-off ended
+        # Called once P has nothing more to do with the request (its part done, or abandoned): the
+        # router stops tracking the stream on P, so P going down no longer cancels D's decode.
+        self.on_prefill_done: Callable[[], None] = lambda: None
+        self._prefill_released = False
         self._settled = ""  # how the request's path settled (an outcome), once it did
         self._log = log.get(request_id=request.request_id, transfer_id=self.transfer_id)
 
@@ -157,6 +161,7 @@ class HandoffStream:
         assert handoff is not None  # _prefill_problem said so
         self._marks["prefill_done"] = self.clock()
         self._p_holds = False  # P is done: its blocks stay in its own cache
+        self._release_prefill()
         ref = HandoffRef(self.transfer_id, self.epoch, first_token, tuple(handoff.block_sums))
         d = self._submit(d_side, replace(self.request, handoff=ref))
         async for chunk in self._decode_half(d, handoff=True):
@@ -258,6 +263,11 @@ class HandoffStream:
         if self._prefill_stream is not None:
             self._prefill_stream.cancel()  # P never got its answer: its stream ends, the reader decides
 
+    def _release_prefill(self) -> None:
+        if not self._prefill_released:
+            self._prefill_released = True
+            self.on_prefill_done()
+
     def _abandon_prefill(self) -> None:
         """P will not serve this request: end its stream and its attach, abort both sides now."""
         if self._prefill_stream is not None:
@@ -268,6 +278,7 @@ class HandoffStream:
             self._p_holds = False
             self.transfers.abort(self.prefill.name, self.prefill.head, self.transfer_id, self.epoch)
         self._abort_decode()
+        self._release_prefill()
 
     def _abort_decode(self) -> None:
         if self._d_holds:

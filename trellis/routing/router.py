@@ -7,7 +7,8 @@ trellis/routing/handoff_stream.py), and maps how it ended. Invariants:
 - every failure is an error of the tree (InvalidRequest, Overloaded, Unavailable, DeadlineExceeded);
   a replica that fails or goes down mid-stream is Unavailable, naming the replica; a head that
   refuses a request as draining (before any token) is skipped and the request goes to another;
-- a pair counts in flight on both replicas and is tracked by both: either going down cancels it;
+- a pair counts in flight on both replicas and is tracked by both until P's part is done (then by D
+  only): either going down meanwhile cancels it;
 - an upstream request never outlives its client: if the reader goes away, or a stop string ends the
   text here before the head finishes, the upstream stream is cancelled (which frees its blocks);
 - the deltas' texts add up to the decode of the tokens, cut before the first stop string; the last
@@ -24,6 +25,7 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from tokenizers import Tokenizer
 
@@ -139,6 +141,9 @@ class Router:
             upstream = StageRequest(request_id, prompt_ids, sampling, tuple(outgoing_metadata(span)))
             stream = self._submit(choice, upstream, DEFAULT_TIMEOUT_S if deadline_s is None else deadline_s)
             keys = [r.track(stream) for r in serving]
+            let_go: list[Replica] = []  # replicas done with the request before its end
+            if isinstance(stream, HandoffStream):
+                stream.on_prefill_done = partial(_let_go, serving[0], keys[0], let_go)
             try:
                 async with contextlib.aclosing(self._relay(serving, stream, upstream, stop)) as deltas:
                     async for delta in deltas:
@@ -167,8 +172,8 @@ class Router:
                 # ends the request upstream and frees its blocks.
                 stream.cancel()
                 for r, key in zip(serving, keys, strict=True):
-                    r.untrack(key)
-                    r.outstanding -= 1
+                    if r not in let_go:
+                        _let_go(r, key, let_go)
                 span.end()
                 self.outstanding -= 1
 
@@ -282,6 +287,14 @@ class Router:
             max_model_len=self.limits.max_model_len,
             replicas=tuple(_replica_info(r) for r in self.replicas.replicas.values()),
         )
+
+
+def _let_go(replica: Replica, key: int, let_go: list[Replica]) -> None:
+    """The request no longer runs on ``replica``: untracked (its going down no longer cancels the
+    stream), and out of its in-flight count."""
+    replica.untrack(key)
+    replica.outstanding -= 1
+    let_go.append(replica)
 
 
 def _replica_info(r: Replica) -> ReplicaInfo:

@@ -382,11 +382,6 @@ def test_the_router_metrics_count_outcomes_and_the_gap_between_first_tokens() ->
     assert reg.get_sample_value("trellis_router_handoff_seconds_count", {"model_name": "fake"}) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in trellis/routing/router.py (generate: `keys = [r.track(stream) for r in serving]`): "
-    "a pair's stream stays tracked on P after the hand-off, so P going down cancels D's decode",
-)
 def test_p_going_down_after_the_hand_off_leaves_ds_stream_alone() -> None:
     async def scenario() -> None:
         t = await pd_mesh()
