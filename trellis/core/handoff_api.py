@@ -20,8 +20,9 @@ The hand-off (docs/pd-disaggregation.md) in four calls, each with a deadline:
 
 Ownership: P's blocks are P's (it never lends them; they stay in its prefix cache), D's reserved
 blocks are D's (only D's ranks write them, from its own staging slots). P writes only into staging
-slots of a live reservation; a slot freed by an abort is not reused for ``QUARANTINE_S`` past the
-transfer's deadline, so a late copy of an abandoned transfer never lands in another's slots (and the
+slots of a live reservation; a slot given up is not reused for ``QUARANTINE_S`` past the
+transfer's deadline (a reservation that expired) or past the router's abort (which stops P
+first), so a late copy of an abandoned transfer does not land in another's slots (and the
 checksum would catch it if it did), and P plans no copy past the target's deadline.
 """
 

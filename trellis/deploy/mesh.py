@@ -222,7 +222,10 @@ class Mesh:
         with RouterClient(self.router.address) as c:
             while time.monotonic() < end:
                 info = c.info()
-                if info.replicas and all(all(s.alive for s in r.stages) for r in info.replicas):
+                # Every replica of the spec (with Redis a replica may register a poll later than
+                # another: "any" let a mesh count as ready with one replica still unseen).
+                seen = {r.name for r in info.replicas if all(s.alive for s in r.stages)}
+                if seen >= {r.name for r in self.spec.replicas}:
                     return
                 if stop.wait(0.2):
                     raise MeshInterrupted("interrupted while starting")

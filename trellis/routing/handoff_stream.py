@@ -81,10 +81,11 @@ class HandoffStream:
         self._yielded = False  # a token went to the reader
         self._first_at = 0.0  # when P's first token came
         self._marks: dict[str, float] = {"start": clock()}  # when each step of the hand-off ended
-        # Called once P has nothing more to do with the request (its part done, or abandoned): the
-        # router stops tracking the stream on P, so P going down no longer cancels D's decode.
-        self.on_prefill_done: Callable[[], None] = lambda: None
-        self._prefill_released = False
+        # Called once per side ("prefill", "decode") that has nothing more to do with the request:
+        # P once its part is done or abandoned, D once P decodes the request itself. The router then
+        # stops tracking the stream there, so that side going down no longer cancels it.
+        self.on_release: Callable[[str], None] = lambda side: None
+        self._released: set[str] = set()
         self._settled = ""  # how the request's path settled (an outcome), once it did
         self._log = log.get(request_id=request.request_id, transfer_id=self.transfer_id)
 
@@ -134,6 +135,8 @@ class HandoffStream:
                     self._settled = "aggregated_fallback" if self._fallback else "first_token_finished"
                 elif chunk.token_ids and self._fallback:
                     self._settled = "aggregated_fallback"
+                if tokens > 1:  # P decodes it (no target, or it gave up on its copies): D has no part
+                    self._release("decode")
                 if chunk.token_ids or chunk.finish_reason:
                     self._yielded = self._yielded or bool(chunk.token_ids)
                     yield chunk
@@ -161,7 +164,7 @@ class HandoffStream:
         assert handoff is not None  # _prefill_problem said so
         self._marks["prefill_done"] = self.clock()
         self._p_holds = False  # P is done: its blocks stay in its own cache
-        self._release_prefill()
+        self._release("prefill")
         ref = HandoffRef(self.transfer_id, self.epoch, first_token, tuple(handoff.block_sums))
         d = self._submit(d_side, replace(self.request, handoff=ref))
         async for chunk in self._decode_half(d, handoff=True):
@@ -218,6 +221,7 @@ class HandoffStream:
         attach, timeout_s = self.prefill.head.attach_handoff, self._call_timeout()
         if target is None:
             self._fallback = True
+            self._release("decode")
             attached = await attach(self.transfer_id, self.epoch, None, timeout_s=timeout_s)
         else:
             try:
@@ -228,6 +232,7 @@ class HandoffStream:
                 self._log.warning("prefill replica refused the hand-off target", error=str(e))
                 self._fallback = True
                 self._abort_decode()
+                self._release("decode")
                 return
         self._marks["attached"] = self.clock()
         if not attached:
@@ -263,10 +268,10 @@ class HandoffStream:
         if self._prefill_stream is not None:
             self._prefill_stream.cancel()  # P never got its answer: its stream ends, the reader decides
 
-    def _release_prefill(self) -> None:
-        if not self._prefill_released:
-            self._prefill_released = True
-            self.on_prefill_done()
+    def _release(self, side: str) -> None:
+        if side not in self._released:
+            self._released.add(side)
+            self.on_release(side)
 
     def _abandon_prefill(self) -> None:
         """P will not serve this request: end its stream and its attach, abort both sides now."""
@@ -278,7 +283,7 @@ class HandoffStream:
             self._p_holds = False
             self.transfers.abort(self.prefill.name, self.prefill.head, self.transfer_id, self.epoch)
         self._abort_decode()
-        self._release_prefill()
+        self._release("prefill")
 
     def _abort_decode(self) -> None:
         if self._d_holds:

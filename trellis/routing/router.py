@@ -23,9 +23,8 @@ import asyncio
 import contextlib
 import inspect
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from tokenizers import Tokenizer
 
@@ -143,7 +142,7 @@ class Router:
             keys = [r.track(stream) for r in serving]
             let_go: list[Replica] = []  # replicas done with the request before its end
             if isinstance(stream, HandoffStream):
-                stream.on_prefill_done = partial(_let_go, serving[0], keys[0], let_go)
+                stream.on_release = _releaser(serving, keys, let_go)
             try:
                 async with contextlib.aclosing(self._relay(serving, stream, upstream, stop)) as deltas:
                     async for delta in deltas:
@@ -287,6 +286,12 @@ class Router:
             max_model_len=self.limits.max_model_len,
             replicas=tuple(_replica_info(r) for r in self.replicas.replicas.values()),
         )
+
+
+def _releaser(serving: tuple[Replica, ...], keys: list[int], let_go: list[Replica]) -> Callable[[str], None]:
+    """A pair's HandoffStream.on_release: the side ("prefill", "decode") it names is let go."""
+    index = {"prefill": 0, "decode": 1}
+    return lambda side: _let_go(serving[index[side]], keys[index[side]], let_go)
 
 
 def _let_go(replica: Replica, key: int, let_go: list[Replica]) -> None:

@@ -152,7 +152,7 @@ class HandoffSide:
         seq_id = self._seq_of.get(transfer_id)
         if seq_id is None:
             return False
-        if not self._drop(transfer_id, seq_id):
+        if not self._drop(transfer_id, seq_id, aborted=True):
             self.head.abort(seq_id)
         return True
 
@@ -198,9 +198,9 @@ class HandoffSide:
             self.stats.expired += 1
             self._log.info("hand-off reservation expired", transfer=transfer_id)
 
-    def _drop(self, transfer_id: str, seq_id: int) -> bool:
+    def _drop(self, transfer_id: str, seq_id: int, *, aborted: bool = False) -> bool:
         """Drop a reservation that is not committed; False if there is none."""
-        if not self.head.scheduler.drop_reserved(seq_id):
+        if not self.head.scheduler.drop_reserved(seq_id, aborted_at=time.time() if aborted else None):
             return False
         self._forget_seq(seq_id)
         return True

@@ -200,10 +200,9 @@ def load_blocks(
         return 0
     if cache.device.type == "cpu":
         for b, s in zip(blocks, slots, strict=True):
-            piece = part.of(slab.slots[s : s + 1])
-            if sums is not None:
-                sums.append(slot_sums(piece))
-            cache[:, :, b].copy_(piece[0])
+            cache[:, :, b].copy_(part.of(slab.slots[s : s + 1])[0])
+            if sums is not None:  # of what landed (one read of the shared slot: the same words)
+                sums.append(slot_sums(cache[:, :, b].unsqueeze(0)))
         return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
     from trellis.runtime.kernels.kv_blocks import scatter_blocks  # triton: the CUDA path only
 

@@ -85,13 +85,16 @@ class PDRequests:
         seq.status = SeqStatus.RUNNING
         bisect.insort(self._running, seq, key=lambda s: s.arrival)
 
-    def drop_reserved(self, seq_id: int) -> bool:
-        """D: give up a reservation not committed (deadline, abort); False if there is none."""
+    def drop_reserved(self, seq_id: int, *, aborted_at: float | None = None) -> bool:
+        """D: give up a reservation not committed; False if there is none. Its slots are quarantined
+        QUARANTINE_S past the deadline (P may copy until then), or past ``aborted_at`` when the
+        router aborted it (it has stopped P first: a copy still in flight lands within a step)."""
         seq = self._seqs.get(seq_id)
         if seq is None or seq.status is not SeqStatus.RESERVED:
             return False
         assert seq.handoff_in is not None
-        self.handoffs.drop_in(seq, seq.handoff_in.deadline + QUARANTINE_S)
+        end = seq.handoff_in.deadline if aborted_at is None else min(aborted_at, seq.handoff_in.deadline)
+        self.handoffs.drop_in(seq, end + QUARANTINE_S)
         self.block_manager.free(seq)
         seq.status = SeqStatus.FINISHED
         del self._seqs[seq_id]

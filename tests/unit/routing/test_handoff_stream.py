@@ -398,3 +398,22 @@ def test_p_going_down_after_the_hand_off_leaves_ds_stream_alone() -> None:
             await agen.aclose()
 
     run(scenario)
+
+
+def test_d_going_down_after_refusing_leaves_the_request_aggregated_on_p_alone() -> None:
+    async def scenario() -> None:
+        t = await pd_mesh()
+        t.d.reserve_error = Overloaded("replica d: no free blocks")  # D holds nothing of it
+        t.p.chunks, t.p.hang = [StageChunk((5,)), StageChunk((6,))], True
+        agen = t.m.router.generate(PROMPT)
+        assert (await anext(agen)).token_ids == (5,)
+        assert (await anext(agen)).token_ids == (6,)  # P decodes it, aggregated
+        t.d.up = False
+        for _ in range(MISSES_TO_DOWN):
+            await t.m.replicas.refresh()
+        try:
+            assert not t.p.streams[0].cancelled, "D going down cut the request P was decoding alone"
+        finally:
+            await agen.aclose()
+
+    run(scenario)

@@ -199,3 +199,14 @@ def test_staging_slots_come_back_in_order() -> None:
     assert slots.take(6) is None  # 5 free now
     clock.now += 2
     assert slots.take(5) == (0, 1, 2, 3, 4)
+
+
+def test_an_aborted_reservation_is_quarantined_past_the_abort_not_the_deadline() -> None:
+    clock = Clock()
+    s = scheduler(clock, slots=4)
+    s.reserve(1, tuple(range(1, 14)), "t1", 1030.0, [])
+    assert s.drop_reserved(1, aborted_at=1001.0)
+    staging = s.handoffs.staging
+    assert staging is not None and staging.counts()["quarantined"] == 4
+    clock.now = 1001.0 + QUARANTINE_S
+    assert staging.num_free == 4  # not 1030 + 5
