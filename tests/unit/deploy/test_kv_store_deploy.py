@@ -431,24 +431,3 @@ def test_a_store_refusing_its_configuration_is_not_restarted(
         clock[0] += 1000
     assert len(warnings) == 1 and "not restarting it" in warnings[0]
     assert log.count("start kv-store") == 1
-
-
-def test_serve_prefill_replicas_split_the_roles() -> None:
-    spec = build_spec(serve_args("--dp", "3", "--prefill-replicas", "1", "--max-local-prefill-tokens", "64"))
-    assert [r.role for r in spec.replicas] == ["prefill", "decode", "decode"]
-    assert spec.router.max_local_prefill_tokens == 64
-    assert parse(spec.to_dict()) == spec
-    assert [r.role for r in build_spec(serve_args()).replicas] == ["both", "both"]
-
-
-@pytest.mark.parametrize(
-    ("flags", "error"),
-    [
-        (["--prefill-replicas", "2"], "leaves no decode replica of the 2"),
-        (["--prefill-replicas", "-1"], "--prefill-replicas must be >= 0"),
-        (["--max-local-prefill-tokens", "8"], "needs --prefill-replicas N"),
-    ],
-)
-def test_serve_prefill_replica_flags_are_checked(flags: list[str], error: str) -> None:
-    with pytest.raises(ConfigError, match=error):
-        build_spec(serve_args(*flags))

@@ -4,107 +4,19 @@ cancel, and never a leak (streams cancelled, aborts fired, the transfer record c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.fake_stages import TARGET, FakeStage, Mesh, chunks, collect, mesh, view
+from tests.fake_stages import TARGET, chunks, collect, view
+from tests.unit.routing.pd_fakes import PROMPT, pd_mesh, run
 from trellis.core.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from trellis.core.handoff_api import HandoffRef
 from trellis.core.sampling import SamplingParams
 from trellis.metrics.router_metrics import RouterMetrics
-from trellis.registry import EmbeddedRegistry, TransferRecord
-from trellis.routing.pd_policy import PDPolicy
-from trellis.routing.policy import least_load
-from trellis.routing.replicas import MISSES_TO_DOWN
 from trellis.routing.router import Delta
 from trellis.routing.stage_client import StageChunk
 from trellis.routing.transfers import Transfers
-
-PROMPT = (1, 2, 3)  # 3 tokens > max_local_prefill_tokens=2: paired
-
-
-class Records(EmbeddedRegistry):
-    """The embedded registry, remembering every transfer it saw opened and closed."""
-
-    def __init__(self, fail: bool = False) -> None:
-        super().__init__()
-        self.fail = fail
-        self.opened: list[TransferRecord] = []
-        self.closed: list[str] = []
-
-    async def open_transfer(self, record: TransferRecord, ttl_s: float) -> None:
-        if self.fail:
-            raise ConnectionError("registry down")
-        self.opened.append(record)
-        await super().open_transfer(record, ttl_s)
-
-    async def close_transfer(self, transfer_id: str) -> None:
-        if self.fail:
-            raise ConnectionError("registry down")
-        self.closed.append(transfer_id)
-        await super().close_transfer(transfer_id)
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.outcomes: list[str] = []
-        self.latencies: list[float] = []
-
-    def handoff_ended(self, outcome: str) -> None:
-        self.outcomes.append(outcome)
-
-    def handoff_latency(self, seconds: float) -> None:
-        self.latencies.append(seconds)
-
-
-@dataclass
-class PD:
-    m: Mesh
-    p: FakeStage
-    d: FakeStage
-    records: Records
-    sink: Sink
-    transfers: Transfers
-
-    async def settled(self) -> None:
-        """Every fired call has run; nothing is left in flight anywhere."""
-        await self.transfers.drain(1.0)
-        assert self.transfers.pending == 0
-        assert await self.records.transfers() == []  # closed, whatever the outcome
-        assert len(self.records.opened) == len(self.records.closed)
-        assert self.m.router.outstanding == 0
-        for r in self.m.replicas.replicas.values():
-            assert r.outstanding == 0 and not r.streams
-        for stream in self.p.streams + self.d.streams:
-            assert stream.ended or stream.cancelled  # none left running upstream
-
-    def transfer_id(self) -> str:
-        ref = self.p.requests[0].handoff
-        assert ref is not None
-        return ref.transfer_id
-
-
-async def pd_mesh(registry_fails: bool = False) -> PD:
-    records, sink = Records(registry_fails), Sink()
-    transfers = Transfers(records, timeout_s=5.0, sink=sink, opened_by="router-test")
-    m = await mesh(
-        ("p", "d"),
-        roles={"p": "prefill", "d": "decode"},
-        policy=PDPolicy(least_load, max_local_prefill_tokens=2),
-        transfers=transfers,
-    )
-    p, d = m.head("p"), m.head("d")
-    p.handoff_chunks = [StageChunk((5,)), StageChunk((), "handoff", block_sums=(11, 12))]
-    p.chunks = chunks([5], [6, 7], [8])  # what P streams when it decodes the request itself
-    d.chunks = chunks([6, 7], [8])  # the tokens after the first
-    return PD(m, p, d, records, sink, transfers)
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(scenario())
 
 
 def test_one_seamless_stream_first_token_from_p_the_rest_from_d() -> None:
@@ -299,25 +211,6 @@ def test_a_client_cancel_at_any_stage_cancels_every_open_stream_and_aborts_d(sta
     run(scenario)
 
 
-def test_either_replica_going_down_cancels_the_pair_and_names_it() -> None:
-    async def scenario() -> None:
-        t = await pd_mesh()
-        t.d.chunks, t.d.hang = [StageChunk((6,))], True
-        agen = t.m.router.generate(PROMPT)
-        assert (await anext(agen)).token_ids == (5,)
-        assert (await anext(agen)).token_ids == (6,)
-        t.d.up = False
-        for _ in range(MISSES_TO_DOWN):
-            await t.m.replicas.refresh()
-        assert t.d.streams[0].cancelled
-        with pytest.raises(Unavailable, match="replica d went down: stage 0 is not serving"):
-            await anext(agen)
-        await t.settled()
-        assert t.d.calls("abort")
-
-    run(scenario)
-
-
 def test_the_registry_is_a_soft_dependency() -> None:
     async def scenario() -> None:
         t = await pd_mesh(registry_fails=True)
@@ -380,40 +273,3 @@ def test_the_router_metrics_count_outcomes_and_the_gap_between_first_tokens() ->
 
     assert (count("handoff"), count("cancelled"), count("failed")) == (2, 1, 0)  # every outcome shown
     assert reg.get_sample_value("trellis_router_handoff_seconds_count", {"model_name": "fake"}) == 1
-
-
-def test_p_going_down_after_the_hand_off_leaves_ds_stream_alone() -> None:
-    async def scenario() -> None:
-        t = await pd_mesh()
-        t.d.chunks, t.d.hang = [StageChunk((6,))], True
-        agen = t.m.router.generate(PROMPT)
-        assert (await anext(agen)).token_ids == (5,)
-        assert (await anext(agen)).token_ids == (6,)  # D streams: P holds nothing of it any more
-        t.p.up = False
-        for _ in range(MISSES_TO_DOWN):
-            await t.m.replicas.refresh()
-        try:
-            assert not t.d.streams[0].cancelled, "P going down cut the request D was decoding"
-        finally:
-            await agen.aclose()
-
-    run(scenario)
-
-
-def test_d_going_down_after_refusing_leaves_the_request_aggregated_on_p_alone() -> None:
-    async def scenario() -> None:
-        t = await pd_mesh()
-        t.d.reserve_error = Overloaded("replica d: no free blocks")  # D holds nothing of it
-        t.p.chunks, t.p.hang = [StageChunk((5,)), StageChunk((6,))], True
-        agen = t.m.router.generate(PROMPT)
-        assert (await anext(agen)).token_ids == (5,)
-        assert (await anext(agen)).token_ids == (6,)  # P decodes it, aggregated
-        t.d.up = False
-        for _ in range(MISSES_TO_DOWN):
-            await t.m.replicas.refresh()
-        try:
-            assert not t.p.streams[0].cancelled, "D going down cut the request P was decoding alone"
-        finally:
-            await agen.aclose()
-
-    run(scenario)
