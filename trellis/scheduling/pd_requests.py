@@ -132,7 +132,13 @@ class PDRequests:
             self.handoffs.decode_here(seq)
             return True
         nb = blocks_for(len(seq.prompt_ids), self.config.block_size)
-        if target.block_size != self.config.block_size or target.first_block + target.num_blocks != nb:
+        # A target has a slot at least (D's prefix match always leaves the prompt's last block to
+        # send); one with none would never be waited for by a step, so it is refused too.
+        if (
+            target.block_size != self.config.block_size
+            or target.first_block + target.num_blocks != nb
+            or not target.num_blocks
+        ):
             self.handoffs.decode_here(seq)
             raise HandoffError(
                 f"the target holds blocks [{target.first_block}, {target.first_block + target.num_blocks}) "

@@ -110,6 +110,8 @@ def test_a_target_of_another_shape_is_refused_and_decoded_here() -> None:
     s.add(0, tuple(range(1, 10)), GREEDY, handoff=HandoffOut("t1"))
     with pytest.raises(HandoffError):
         s.attach(0, target(0, 2))  # 9 tokens are 3 blocks
+    with pytest.raises(HandoffError):
+        s.attach(0, target(3, 0))  # no slot: nothing would ever finish it
     p = s.schedule()
     assert p is not None and p.kv_sends == ()
 
