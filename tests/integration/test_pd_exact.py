@@ -53,7 +53,11 @@ def pd_mesh(checkpoint: Path, tmp: Path, p: str, d: str) -> Iterator[Mesh]:
     spec = local_spec(
         str(checkpoint),
         shapes=((p_tp, p_pp, "prefill"), (d_tp, d_pp, "decode")),
-        engine=EngineConfig(num_blocks=96, handoff_slots=4 * REQUESTS * 5, handoff_dir=str(tmp)),
+        # Room for every request at once on D (a prompt here is at most 6 blocks with its output):
+        # none is refused a reservation, so every one is handed off.
+        engine=EngineConfig(
+            num_blocks=max(96, 8 * REQUESTS), handoff_slots=8 * REQUESTS, handoff_dir=str(tmp)
+        ),
         router={"max_local_prefill_tokens": 0},  # every request is prefilled on P
     )
     with small_cpu_env(), running_mesh(spec) as mesh:
