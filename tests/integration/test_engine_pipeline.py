@@ -75,9 +75,19 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
 
 
 def log_events(text: str, event: str) -> list[dict]:
-    """The JSON log lines of this event, from every process of the replica."""
-    lines = (json.loads(line) for line in text.splitlines() if line.startswith("{"))
-    return [e for e in lines if e.get("event") == event]
+    """The JSON log lines of this event, from every process of the replica (a line holding two
+    objects, from processes writing at once, is read as both)."""
+    decoder = json.JSONDecoder()
+    events = []
+    for line in text.splitlines():
+        at = 0
+        while (at := line.find("{", at)) >= 0:
+            try:
+                obj, at = decoder.raw_decode(line, at)
+            except json.JSONDecodeError:
+                break  # not JSON from here on (e.g. a progress bar)
+            events.append(obj)
+    return [e for e in events if e.get("event") == event]
 
 
 def test_tp2_pp3_hands_each_rank_its_slice_and_matches_transformers(

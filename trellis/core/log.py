@@ -29,7 +29,9 @@ def configure(
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level_name)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (the message and its newline together): processes sharing a stderr
+        # (a replica's ranks, a test's capture) cannot splice their lines (print() wrote twice).
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     ids = {"service": service, "replica": replica, "stage": stage, "rank": rank}
