@@ -106,7 +106,7 @@ def decode_side(args: argparse.Namespace) -> None:
     lay = layout(args.dtype)
     if device.type == "cuda":
         owned = DeviceSlab(args.blocks, lay, device)
-        slab: Any = DeviceSlabView(owned.name, lay, device, owned.slots)
+        slab: Any = DeviceSlabView(owned.name, lay, owned.slots)
         name = owned.name
     else:
         from trellis.kv_store.slab import Slab
@@ -155,9 +155,7 @@ def main() -> None:
         )
         assert child.stdin is not None and child.stdout is not None
         name = json.loads(child.stdout.readline())["slab"]
-        slab: Any = (
-            DeviceSlabView(name, lay, device) if device.type == "cuda" else SlabView(name, lay, device)
-        )
+        slab: Any = DeviceSlabView(name, lay) if device.type == "cuda" else SlabView(name, lay, device)
         kv = cache(args.blocks + 8, device, dtype)
         blocks = list(range(3, 3 + args.blocks))  # P's blocks (an offset: not the identity)
         slots = list(range(args.blocks))

@@ -49,16 +49,14 @@ class DeviceSlabView:
 
     pinned = True  # device memory: copies never block the host
 
-    def __init__(
-        self, name: str, layout: SlotLayout, device: torch.device, owned: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, name: str, layout: SlotLayout, owned: torch.Tensor | None = None) -> None:
+        """The slots live on the owner's GPU; a rank on another GPU copies peer to peer."""
         self.path = name
         if owned is not None:  # the owner's own process cannot open its handle: it uses the tensor
             self.slots = owned
         else:
             self.slots = _open(name, layout)
         self.num_slots = self.slots.shape[0]
-        del device  # the slots live on the owner's GPU; copies to this rank's GPU go peer to peer
 
     def close(self) -> None:
         del self.slots

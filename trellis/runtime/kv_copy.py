@@ -160,9 +160,10 @@ def save_blocks(
         return 0
     if cache.device.type == "cpu":
         for b, s in zip(blocks, slots, strict=True):
-            part.of(slab.slots[s : s + 1])[0].copy_(cache[:, :, b])
+            slot = part.of(slab.slots[s : s + 1])
+            slot[0].copy_(cache[:, :, b])
             if sums is not None:
-                sums.append(slot_sums(part.of(slab.slots[s : s + 1])))
+                sums.append(slot_sums(slot))
         return len(blocks) * cache[:, :, 0].numel() * cache.element_size()
     from trellis.runtime.kernels.kv_blocks import gather_blocks  # triton: the CUDA path only
 
@@ -265,8 +266,8 @@ class StoreCopies:
         try:
             if plan.kv_saves:
                 save_blocks(cache, self._slab_for(plan.kv_slab), self.part, plan.kv_saves, num_blocks)
-            for copy in plan.kv_loads:
-                sums = self._sums if copy.slab else None
+            for copy in plan.kv_loads:  # every rank loads; only the primary one counts the sums
+                sums = self._sums if copy.slab and self.primary else None
                 slab = self._slab_for(copy.slab or plan.kv_slab)
                 load_blocks(cache, slab, self.part, [copy], num_blocks, sums)
         except SlabError as e:
@@ -310,7 +311,7 @@ class StoreCopies:
             raise SlabError("the plan copies KV but names no slab")
         slab = self._slabs.get(path)
         if slab is None and is_device_slab(path):  # a decode replica's slab in GPU memory
-            slab = self._slabs[path] = DeviceSlabView(path, self.layout, self.device, self._owned.get(path))
+            slab = self._slabs[path] = DeviceSlabView(path, self.layout, self._owned.get(path))
         elif slab is None:  # first use (or a restarted store's new slab)
             slab = self._slabs[path] = SlabView(path, self.layout, self.device)
             if len(self._slabs) > self.MAX_SLABS:
